@@ -1,0 +1,48 @@
+export {
+  Address,
+  Domain,
+  normalizeDomain,
+  type ParsedAddress,
+  parseAddress,
+  ReversePath,
+} from "./address.ts";
+export { BodyRef } from "./body-ref.ts";
+export { ContractError, decode, decodeJson } from "./decode.ts";
+export {
+  ClientInfo,
+  DsnNotify,
+  Envelope,
+  EnvelopeRecipient,
+  EVENT_TYPES,
+  EventType,
+  LocalDeliveryRequest,
+  MailEvent,
+  MxHost,
+  Outcome,
+  QueuedMail,
+  QueueId,
+  RecipientStatus,
+  RemoteDeliveryRequest,
+  ServiceName,
+} from "./messages.ts";
+export { isQueueId, newQueueId, QUEUE_ID_PATTERN, queueIdTime } from "./queue-id.ts";
+export {
+  formatReply,
+  isPermanent,
+  isTemporary,
+  parseRemoteReply,
+  Reply,
+  replies,
+  reply,
+  SmtpError,
+} from "./smtp-reply.ts";
+export {
+  type ConsumerKey,
+  destinationFromToken,
+  destinationToken,
+  type StreamKey,
+  SubjectError,
+  subjects,
+  token,
+  topology,
+} from "./subjects.ts";

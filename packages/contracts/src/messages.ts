@@ -1,0 +1,175 @@
+import { z } from "zod";
+import { Address, Domain, ReversePath } from "./address.ts";
+import { BodyRef } from "./body-ref.ts";
+import { QUEUE_ID_PATTERN } from "./queue-id.ts";
+import { Reply } from "./smtp-reply.ts";
+
+export const QueueId = z.string().regex(QUEUE_ID_PATTERN, "must be a queue ID (26-char ULID)");
+const Timestamp = z.iso.datetime({ offset: true });
+const Attempt = z.number().int().min(1).max(100_000);
+
+export const DsnNotify = z.enum(["NEVER", "SUCCESS", "FAILURE", "DELAY"]);
+
+/** One envelope recipient as the client gave it (and the address it was first addressed to). */
+export const EnvelopeRecipient = z.strictObject({
+  address: Address,
+  /** the original recipient (RFC 3461 ORCPT, or the address before alias expansion) */
+  original: Address.optional(),
+  notify: z.array(DsnNotify).min(1).optional(),
+});
+export type EnvelopeRecipient = z.infer<typeof EnvelopeRecipient>;
+
+export const Envelope = z.strictObject({
+  mailFrom: ReversePath,
+  rcptTo: z.array(EnvelopeRecipient).min(1).max(10_000),
+  smtputf8: z.boolean(),
+  bodyType: z.enum(["7BIT", "8BITMIME"]),
+});
+export type Envelope = z.infer<typeof Envelope>;
+
+export const ClientInfo = z.strictObject({
+  ip: z.string().min(1).max(64),
+  helo: z.string().max(255),
+  tls: z.boolean(),
+  /** the authenticated user (msa only) */
+  user: z.string().max(320).optional(),
+});
+
+/** `mail.v1.queued`: a message accepted and durable, waiting to be routed. */
+export const QueuedMail = z.strictObject({
+  v: z.literal(1),
+  queueId: QueueId,
+  source: z.enum(["mx", "msa", "dsn"]),
+  receivedAt: Timestamp,
+  envelope: Envelope,
+  body: BodyRef,
+  client: ClientInfo.optional(),
+  /** the header Message-ID, for tracking */
+  messageId: z.string().max(998).optional(),
+  /** set on DSNs: which message and which kind of report */
+  dsn: z.strictObject({ of: QueueId, kind: z.enum(["failure", "delay"]) }).optional(),
+});
+export type QueuedMail = z.infer<typeof QueuedMail>;
+
+/** `mail.v1.deliver.local`: recipients whose mailbox is on this system. */
+export const LocalDeliveryRequest = z.strictObject({
+  v: z.literal(1),
+  queueId: QueueId,
+  /** unique per dispatch; also the publish's Nats-Msg-Id */
+  dispatchId: z.string().min(1).max(256),
+  receivedAt: Timestamp,
+  mailFrom: ReversePath,
+  recipients: z
+    .array(
+      z.strictObject({
+        /** the mailbox owner, `user@domain` after alias and plus-address resolution */
+        mailbox: Address,
+        /** the envelope recipient this copy is for (Delivered-To) */
+        address: Address,
+        /** Maildir++ subfolder (from a +tag), when the mailbox has one */
+        folder: z
+          .string()
+          .regex(/^[A-Za-z0-9_-]{1,64}$/)
+          .optional(),
+        attempt: Attempt,
+      }),
+    )
+    .min(1),
+  body: BodyRef,
+});
+export type LocalDeliveryRequest = z.infer<typeof LocalDeliveryRequest>;
+
+export const MxHost = z.strictObject({
+  exchange: z.string().min(1).max(253),
+  priority: z.number().int().min(0).max(65535),
+  /** resolved addresses, in the order to try them */
+  addresses: z.array(z.string().min(2).max(64)).min(1),
+});
+export type MxHost = z.infer<typeof MxHost>;
+
+/** `mail.v1.deliver.remote.<dest>`: one SMTP transaction's worth of recipients for one destination. */
+export const RemoteDeliveryRequest = z.strictObject({
+  v: z.literal(1),
+  queueId: QueueId,
+  dispatchId: z.string().min(1).max(256),
+  receivedAt: Timestamp,
+  mailFrom: ReversePath,
+  destination: z.strictObject({
+    domain: Domain,
+    /** MX hosts in the order to try them (router resolved them) */
+    hosts: z.array(MxHost).min(1),
+  }),
+  recipients: z
+    .array(z.strictObject({ address: Address, original: Address.optional(), attempt: Attempt }))
+    .min(1)
+    .max(1000),
+  smtputf8: z.boolean(),
+  bodyType: z.enum(["7BIT", "8BITMIME"]),
+  body: BodyRef,
+});
+export type RemoteDeliveryRequest = z.infer<typeof RemoteDeliveryRequest>;
+
+export const Outcome = z.enum(["delivered", "deferred", "bounced"]);
+export type Outcome = z.infer<typeof Outcome>;
+
+/** `mail.v1.status.<outcome>`: what happened to one recipient on one attempt. */
+export const RecipientStatus = z.strictObject({
+  v: z.literal(1),
+  queueId: QueueId,
+  dispatchId: z.string().min(1).max(256),
+  recipient: Address,
+  outcome: Outcome,
+  reply: Reply,
+  attempt: Attempt,
+  service: z.enum(["delivery", "mda"]),
+  at: Timestamp,
+  /** the host that gave the reply (remote) or the mailbox path's owner (local) */
+  remoteMta: z.string().max(300).optional(),
+  destination: Domain.optional(),
+});
+export type RecipientStatus = z.infer<typeof RecipientStatus>;
+
+export const EVENT_TYPES = [
+  "received",
+  "rejected",
+  "queued",
+  "routed",
+  "attempt",
+  "delivered",
+  "deferred",
+  "bounced",
+  "expired",
+  "delayed",
+  "dsn",
+] as const;
+export const EventType = z.enum(EVENT_TYPES);
+export type EventType = z.infer<typeof EventType>;
+
+export const ServiceName = z.enum(["msa", "mx", "router", "delivery", "mda", "mailctl"]);
+export type ServiceName = z.infer<typeof ServiceName>;
+
+/** `mail.v1.events.<type>`: every state change, for tracking, metrics and webhooks. */
+export const MailEvent = z.strictObject({
+  v: z.literal(1),
+  type: EventType,
+  at: Timestamp,
+  service: ServiceName,
+  queueId: QueueId.optional(),
+  traceId: z
+    .string()
+    .regex(/^[0-9a-f]{32}$/)
+    .optional(),
+  messageId: z.string().max(998).optional(),
+  mailFrom: ReversePath.optional(),
+  recipient: Address.optional(),
+  recipients: z.array(Address).max(10_000).optional(),
+  destination: Domain.optional(),
+  remoteMta: z.string().max(300).optional(),
+  attempt: Attempt.optional(),
+  reply: Reply.optional(),
+  client: z.strictObject({ ip: z.string().max(64), helo: z.string().max(255).optional() }).optional(),
+  size: z.number().int().nonnegative().optional(),
+  /** a short human-readable note, never message content */
+  detail: z.string().max(1000).optional(),
+});
+export type MailEvent = z.infer<typeof MailEvent>;

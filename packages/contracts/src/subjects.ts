@@ -1,0 +1,74 @@
+import { normalizeDomain } from "./address.ts";
+import type { EventType, Outcome } from "./messages.ts";
+import { EVENT_TYPES } from "./messages.ts";
+
+const TOKEN = /^[A-Za-z0-9_-]{1,128}$/;
+
+export class SubjectError extends Error {
+  override name = "SubjectError";
+}
+
+/** Checks that a value is safe as one subject token (no dots, wildcards or spaces). */
+export function token(value: string, what = "token"): string {
+  if (!TOKEN.test(value)) {
+    throw new SubjectError(
+      `${what} ${JSON.stringify(value)} cannot be a subject token (allowed: A-Z a-z 0-9 _ -)`,
+    );
+  }
+  return value;
+}
+
+/**
+ * A destination domain as one subject token. Normalised domains hold only [a-z0-9.-], so mapping
+ * `.` to `_` is reversible and keeps the token readable in `nats stream view`.
+ */
+export function destinationToken(domain: string): string {
+  const ascii = normalizeDomain(domain);
+  if (!ascii) throw new SubjectError(`${JSON.stringify(domain)} is not a domain name`);
+  return token(ascii.replaceAll(".", "_"), "destination");
+}
+
+export function destinationFromToken(tok: string): string {
+  return token(tok, "destination").replaceAll("_", ".");
+}
+
+const OUTCOMES: readonly Outcome[] = ["delivered", "deferred", "bounced"];
+
+/** Every subject is built here; services never write one as a string literal. */
+export const subjects = {
+  queued: () => "mail.v1.queued",
+  deliverLocal: () => "mail.v1.deliver.local",
+  deliverRemote: (domain: string) => `mail.v1.deliver.remote.${destinationToken(domain)}`,
+  deliverRemoteAll: () => "mail.v1.deliver.remote.>",
+  deliverAll: () => "mail.v1.deliver.>",
+  status: (outcome: Outcome) => {
+    if (!OUTCOMES.includes(outcome)) throw new SubjectError(`unknown outcome ${JSON.stringify(outcome)}`);
+    return `mail.v1.status.${outcome}`;
+  },
+  statusAll: () => "mail.v1.status.>",
+  event: (type: EventType) => {
+    if (!EVENT_TYPES.includes(type)) throw new SubjectError(`unknown event type ${JSON.stringify(type)}`);
+    return `mail.v1.events.${type}`;
+  },
+  eventsAll: () => "mail.v1.events.>",
+} as const;
+
+/** Stream, consumer and bucket names: the bus creates them, services bind to them by these names. */
+export const topology = {
+  streams: {
+    queued: { name: "MAIL_QUEUED", subjects: [subjects.queued()], kind: "workqueue" },
+    deliver: { name: "MAIL_DELIVER", subjects: [subjects.deliverAll()], kind: "workqueue" },
+    status: { name: "MAIL_STATUS", subjects: [subjects.statusAll()], kind: "workqueue" },
+    events: { name: "MAIL_EVENTS", subjects: [subjects.eventsAll()], kind: "limits" },
+  },
+  consumers: {
+    router: { stream: "MAIL_QUEUED", durable: "router", filter: subjects.queued() },
+    routerStatus: { stream: "MAIL_STATUS", durable: "router-status", filter: subjects.statusAll() },
+    delivery: { stream: "MAIL_DELIVER", durable: "delivery", filter: subjects.deliverRemoteAll() },
+    mda: { stream: "MAIL_DELIVER", durable: "mda", filter: subjects.deliverLocal() },
+  },
+  bodyBucket: "mail-bodies",
+} as const;
+
+export type StreamKey = keyof typeof topology.streams;
+export type ConsumerKey = keyof typeof topology.consumers;
