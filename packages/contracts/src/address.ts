@@ -6,7 +6,7 @@ import { z } from "zod";
  * Quoted local parts are accepted; source routes, address literals and whitespace are not,
  * because they are never needed between our own services and they are the usual relay tricks.
  */
-const LOCAL_PART = /^(?:[^\s"@\\()<>,;:[\]\u0000-\u001f\u007f]+|"(?:[^"\\\r\n]|\\[ -~])*")$/u;
+const LOCAL_PART = /^(?:[^\s"@\\()<>,;:[\]\p{Cc}]+|"(?:[^"\\\r\n]|\\[ -~])*")$/u;
 const DOMAIN =
   /^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/;
 
