@@ -1,0 +1,70 @@
+import { Writable } from "node:stream";
+import { describe, expect, it } from "vitest";
+import { attr, createTelemetry, InMemorySpanExporter, inSpan, SpanKind, withQueueId } from "./index.ts";
+
+function capture() {
+  const lines: Record<string, unknown>[] = [];
+  const stream = new Writable({
+    write(chunk, _enc, cb) {
+      for (const l of String(chunk).split("\n")) if (l) lines.push(JSON.parse(l));
+      cb();
+    },
+  });
+  return { lines, stream };
+}
+
+describe("telemetry", () => {
+  it("log lines carry service, queueId, trace_id and span_id inside a span", async () => {
+    const { lines, stream } = capture();
+    const exporter = new InMemorySpanExporter();
+    const t = createTelemetry({ service: "mx", logDestination: stream, spanExporter: exporter, defaultMetrics: false });
+    t.log.info("starting");
+    await withQueueId("01J00000000000000000000000", () =>
+      inSpan(t.tracer, "smtp.data", { kind: SpanKind.SERVER, attributes: { [attr.queueId]: "x" } }, async () => {
+        t.log.info({ size: 10 }, "accepted");
+      }),
+    );
+    expect(lines[0]).toMatchObject({ service: "mx", level: "info", msg: "starting" });
+    expect(lines[0]).not.toHaveProperty("queueId");
+    const span = exporter.getFinishedSpans()[0]!;
+    expect(lines[1]).toMatchObject({
+      service: "mx",
+      queueId: "01J00000000000000000000000",
+      trace_id: span.spanContext().traceId,
+      span_id: span.spanContext().spanId,
+      msg: "accepted",
+    });
+    expect(span.name).toBe("smtp.data");
+    expect(span.attributes[attr.queueId]).toBe("x");
+  });
+
+  it("never logs secrets", () => {
+    const { lines, stream } = capture();
+    const t = createTelemetry({ service: "msa", logDestination: stream, defaultMetrics: false });
+    t.log.info({ password: "hunter2", auth: { user: "alice", password: "hunter2" } }, "login");
+    expect(JSON.stringify(lines)).not.toContain("hunter2");
+    expect(lines[0]).toMatchObject({ auth: { user: "alice", password: "[redacted]" } });
+  });
+
+  it("records a failed span without rethrowing differently", async () => {
+    const exporter = new InMemorySpanExporter();
+    const t = createTelemetry({ service: "router", spanExporter: exporter, defaultMetrics: false });
+    await expect(
+      inSpan(t.tracer, "route", {}, () => {
+        throw new Error("boom");
+      }),
+    ).rejects.toThrow("boom");
+    const span = exporter.getFinishedSpans().at(-1)!;
+    expect(span.status).toMatchObject({ code: 2, message: "boom" });
+  });
+
+  it("exposes Prometheus metrics with the service label", async () => {
+    const t = createTelemetry({ service: "mda", defaultMetrics: false });
+    t.metrics.counter("messages_total", "messages", ["outcome"]).inc({ outcome: "delivered" }, 3);
+    expect(t.metrics.counter("messages_total", "messages", ["outcome"])).toBe(
+      t.metrics.counter("messages_total", "messages"),
+    );
+    const text = await t.metrics.text();
+    expect(text).toContain('mailpipe_messages_total{outcome="delivered",service="mda"} 3');
+  });
+});
