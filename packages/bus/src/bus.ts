@@ -1,0 +1,410 @@
+import {
+  type ConsumerKey,
+  ContractError,
+  decode,
+  decodeJson,
+  MailEvent,
+  type StreamKey,
+  subjects,
+  topology,
+} from "@mailpipe/contracts";
+import { attr, contextWithQueueId, currentTraceId, type Telemetry } from "@mailpipe/telemetry";
+import {
+  type ConsumerMessages,
+  type JetStreamClient,
+  type JetStreamManager,
+  type JsMsg,
+  jetstream,
+  jetstreamManager,
+  type PubAck,
+} from "@nats-io/jetstream";
+import { connect, type MsgHdrs, type NatsConnection, headers as natsHeaders } from "@nats-io/transport-node";
+import { context, propagation, ROOT_CONTEXT, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api";
+import type { z } from "zod";
+import { BodyStore } from "./body-store.ts";
+import { BusConnectError, BusError, describeConnectError } from "./errors.ts";
+import { natsHeaderGetter, natsHeaderSetter } from "./headers.ts";
+import { defaultTopologySettings, ensureConsumer, ensureStream, type TopologySettings } from "./topology.ts";
+
+export interface BusOptions {
+  /** comma-separated list of nats:// URLs (credentials may be in the URL) */
+  url: string;
+  /** connection name shown by the server, e.g. the service name */
+  name: string;
+  telemetry: Telemetry;
+  topology?: Partial<TopologySettings>;
+  /** how long a JetStream publish waits for its ack */
+  publishTimeoutMs?: number;
+  /** keep retrying the first connection instead of failing (services do; CLIs do not) */
+  waitOnFirstConnect?: boolean;
+}
+
+/** What a handler decides for a message. Returning nothing means ack. */
+export type Outcome =
+  | { kind: "ack" }
+  | { kind: "retry"; delayMs: number; reason?: string }
+  | { kind: "term"; reason: string };
+
+export const outcome = {
+  ack: (): Outcome => ({ kind: "ack" }),
+  /** nak with a delay: JetStream redelivers after it */
+  retry: (delayMs: number, reason?: string): Outcome => ({
+    kind: "retry",
+    delayMs,
+    ...(reason ? { reason } : {}),
+  }),
+  /** never redeliver */
+  term: (reason: string): Outcome => ({ kind: "term", reason }),
+};
+
+export interface HandlerContext {
+  subject: string;
+  headers: MsgHdrs | undefined;
+  /** 1 on first delivery */
+  deliveryCount: number;
+  /** tells JetStream the work is still going (resets the ack wait) */
+  working(): void;
+}
+
+export type Handler<T> = (message: T, ctx: HandlerContext) => Promise<Outcome | void> | Outcome | void;
+
+export interface ConsumeOptions {
+  /** at most this many handlers run at once in this process */
+  maxInFlight?: number;
+  /** JetStream ack wait; unacked messages come back after it */
+  ackWaitMs?: number;
+  /** total unacked across all replicas sharing the durable */
+  maxAckPending?: number;
+  /** keep calling working() while a handler runs, up to this long (0 = never) */
+  heartbeatForMs?: number;
+  /** delay before redelivering after a handler threw, grows with the delivery count */
+  errorBackoffMs?: number;
+}
+
+export interface Subscription {
+  readonly inFlight: number;
+  /** stop taking messages and wait for the handlers in flight */
+  stop(): Promise<void>;
+}
+
+export interface PublishOptions {
+  /** Nats-Msg-Id: a repeat within the duplicate window is stored once */
+  msgId: string;
+  headers?: Record<string, string>;
+  timeoutMs?: number;
+}
+
+/** The one way services talk to each other: validated messages over JetStream, bodies in the Object Store. */
+export class Bus {
+  readonly nc: NatsConnection;
+  readonly js: JetStreamClient;
+  readonly jsm: JetStreamManager;
+  readonly settings: TopologySettings;
+  readonly #telemetry: Telemetry;
+  readonly #publishTimeoutMs: number;
+  readonly #subs = new Set<Subscription>();
+  #bodies: BodyStore | undefined;
+  #connected = true;
+
+  private constructor(nc: NatsConnection, jsm: JetStreamManager, opts: BusOptions) {
+    this.nc = nc;
+    this.jsm = jsm;
+    this.js = jetstream(nc, { timeout: opts.publishTimeoutMs ?? 5000 });
+    this.settings = { ...defaultTopologySettings, ...opts.topology };
+    this.#telemetry = opts.telemetry;
+    this.#publishTimeoutMs = opts.publishTimeoutMs ?? 5000;
+    void this.#watchStatus();
+  }
+
+  static async connect(opts: BusOptions): Promise<Bus> {
+    let nc: NatsConnection;
+    try {
+      nc = await connect({
+        servers: opts.url.split(",").map((s) => s.trim()),
+        name: opts.name,
+        maxReconnectAttempts: -1,
+        reconnectTimeWait: 500,
+        waitOnFirstConnect: opts.waitOnFirstConnect ?? false,
+        timeout: 5000,
+      });
+    } catch (err) {
+      throw new BusConnectError(describeConnectError(opts.url, err), { cause: err });
+    }
+    let jsm: JetStreamManager;
+    try {
+      jsm = await jetstreamManager(nc, { timeout: opts.publishTimeoutMs ?? 5000 });
+    } catch (err) {
+      await nc.close();
+      throw new BusConnectError(
+        `NATS at ${opts.url} has no JetStream (${(err as Error).message}): start nats-server with -js`,
+        { cause: err },
+      );
+    }
+    return new Bus(nc, jsm, opts);
+  }
+
+  get connected(): boolean {
+    return this.#connected && !this.nc.isClosed();
+  }
+
+  async #watchStatus(): Promise<void> {
+    const log = this.#telemetry.log;
+    for await (const s of this.nc.status()) {
+      if (s.type === "disconnect") {
+        this.#connected = false;
+        log.warn({ server: s.server }, "lost the NATS connection; reconnecting");
+      } else if (s.type === "reconnect") {
+        this.#connected = true;
+        log.info({ server: s.server }, "reconnected to NATS");
+      } else if (s.type === "error") {
+        log.error({ err: s.error }, "NATS connection error");
+      }
+    }
+  }
+
+  /** Creates or updates the streams and the body bucket (idempotent; every service runs it at start). */
+  async ensureTopology(streams: StreamKey[] = Object.keys(topology.streams) as StreamKey[]): Promise<void> {
+    for (const key of streams) await ensureStream(this.jsm, key, this.settings);
+    await this.bodies();
+  }
+
+  async bodies(): Promise<BodyStore> {
+    this.#bodies ??= await BodyStore.open(this.js, this.jsm, topology.bodyBucket, {
+      ttlMs: this.settings.bodyTtlMs,
+      replicas: this.settings.replicas,
+    });
+    return this.#bodies;
+  }
+
+  /**
+   * Validates `message` against `schema`, publishes it with a PRODUCER span whose context travels
+   * in the headers (W3C traceparent), and resolves once JetStream has stored it.
+   */
+  async publish<S extends z.ZodType>(
+    subject: string,
+    schema: S,
+    message: z.input<S>,
+    opts: PublishOptions,
+  ): Promise<PubAck> {
+    const value = decode(schema, message, `message for ${subject}`);
+    const tracer = this.#telemetry.tracer;
+    const span = tracer.startSpan(`send ${subject}`, {
+      kind: SpanKind.PRODUCER,
+      attributes: {
+        [attr.messagingSystem]: "nats",
+        [attr.messagingDestination]: subject,
+        [attr.messagingOperationType]: "send",
+        [attr.messagingMessageId]: opts.msgId,
+        ...(typeof (value as { queueId?: unknown }).queueId === "string"
+          ? { [attr.queueId]: (value as { queueId: string }).queueId }
+          : {}),
+      },
+    });
+    const h = natsHeaders();
+    for (const [k, v] of Object.entries(opts.headers ?? {})) h.set(k, v);
+    propagation.inject(trace.setSpan(context.active(), span), h, natsHeaderSetter);
+    try {
+      const ack = await this.js.publish(subject, JSON.stringify(value), {
+        msgID: opts.msgId,
+        headers: h,
+        timeout: opts.timeoutMs ?? this.#publishTimeoutMs,
+      });
+      if (ack.duplicate) span.setAttribute("messaging.nats.duplicate", true);
+      return ack;
+    } catch (err) {
+      span.setStatus({ code: SpanStatusCode.ERROR, message: (err as Error).message });
+      throw new BusError(`publishing to ${subject} failed: ${(err as Error).message}`, { cause: err });
+    } finally {
+      span.end();
+    }
+  }
+
+  /**
+   * Publishes an event to the events stream without waiting for an ack: events are for tracking
+   * and metrics, and must never slow down or fail the mail path.
+   */
+  emit(
+    event: Omit<MailEvent, "v" | "at" | "service" | "traceId"> & Partial<Pick<MailEvent, "at" | "traceId">>,
+  ): void {
+    try {
+      const traceId = event.traceId ?? currentTraceId();
+      const full = decode(
+        MailEvent,
+        {
+          v: 1,
+          at: new Date().toISOString(),
+          service: this.#telemetry.service,
+          ...(traceId ? { traceId } : {}),
+          ...event,
+        },
+        "event",
+      );
+      this.nc.publish(subjects.event(full.type), JSON.stringify(full));
+    } catch (err) {
+      this.#telemetry.log.warn({ err, event: event.type }, "could not emit event");
+    }
+  }
+
+  /**
+   * Binds the durable consumer `key` (created if missing) and runs `handler` for each message:
+   * validates it (an invalid one is logged and terminated), continues the publisher's trace in a
+   * CONSUMER span, and maps the handler's outcome to ack / nak(delay) / term. A handler that
+   * throws gets its message again after a growing delay.
+   */
+  async consume<S extends z.ZodType>(
+    key: ConsumerKey,
+    schema: S,
+    handler: Handler<z.infer<S>>,
+    opts: ConsumeOptions = {},
+  ): Promise<Subscription> {
+    const maxInFlight = opts.maxInFlight ?? 64;
+    const ackWaitMs = opts.ackWaitMs ?? 30_000;
+    const heartbeatForMs = opts.heartbeatForMs ?? 15 * 60_000;
+    const errorBackoffMs = opts.errorBackoffMs ?? 1000;
+    const { stream, durable } = await ensureConsumer(this.jsm, key, {
+      ackWaitMs,
+      maxAckPending: opts.maxAckPending ?? Math.max(1000, maxInFlight * 16),
+    });
+    const consumer = await this.js.consumers.get(stream, durable);
+    const messages: ConsumerMessages = await consumer.consume({ max_messages: maxInFlight });
+    const { log, tracer, metrics } = this.#telemetry;
+    const handled = metrics.counter(
+      "bus_messages_handled_total",
+      "Bus messages handled, by consumer and outcome",
+      ["consumer", "outcome"],
+    );
+    const duration = metrics.histogram("bus_handler_seconds", "Time handlers took, by consumer", [
+      "consumer",
+    ]);
+
+    let inFlight = 0;
+    let stopping = false;
+    let wake: (() => void) | undefined;
+    const idle = new Set<() => void>();
+    const slotFree = () =>
+      new Promise<void>((resolve) => {
+        wake = resolve;
+      });
+
+    const run = async (m: JsMsg): Promise<void> => {
+      const started = performance.now();
+      const parent = propagation.extract(ROOT_CONTEXT, m.headers, natsHeaderGetter);
+      let message: z.infer<S>;
+      try {
+        message = decodeJson(schema, m.data, `message on ${m.subject}`);
+      } catch (err) {
+        log.error(
+          { err: err instanceof ContractError ? err.message : err, subject: m.subject, consumer: durable },
+          "dropping a message that does not match its contract",
+        );
+        m.term();
+        handled.inc({ consumer: durable, outcome: "invalid" });
+        return;
+      }
+      const queueId = (message as { queueId?: unknown }).queueId;
+      const ctx = typeof queueId === "string" ? contextWithQueueId(parent, queueId) : parent;
+      await context.with(ctx, () =>
+        tracer.startActiveSpan(
+          `process ${m.subject}`,
+          {
+            kind: SpanKind.CONSUMER,
+            attributes: {
+              [attr.messagingSystem]: "nats",
+              [attr.messagingDestination]: m.subject,
+              [attr.messagingOperationType]: "process",
+              [attr.messagingConsumerGroup]: durable,
+              [attr.messagingDeliveryCount]: m.info.deliveryCount,
+              ...(typeof queueId === "string" ? { [attr.queueId]: queueId } : {}),
+            },
+          },
+          async (span) => {
+            const beat =
+              heartbeatForMs > 0
+                ? setInterval(
+                    () => {
+                      if (performance.now() - started < heartbeatForMs) m.working();
+                    },
+                    Math.max(250, ackWaitMs / 3),
+                  )
+                : undefined;
+            let result: Outcome;
+            try {
+              result =
+                (await handler(message, {
+                  subject: m.subject,
+                  headers: m.headers,
+                  deliveryCount: m.info.deliveryCount,
+                  working: () => m.working(),
+                })) ?? outcome.ack();
+            } catch (err) {
+              const delayMs = Math.min(
+                errorBackoffMs * 2 ** Math.min(m.info.deliveryCount - 1, 8),
+                5 * 60_000,
+              );
+              log.error(
+                { err, subject: m.subject, deliveryCount: m.info.deliveryCount, retryInMs: delayMs },
+                "handler failed; will retry",
+              );
+              span.setStatus({ code: SpanStatusCode.ERROR, message: (err as Error)?.message });
+              result = outcome.retry(delayMs, "handler error");
+            } finally {
+              if (beat) clearInterval(beat);
+            }
+            span.setAttribute("messaging.nats.outcome", result.kind);
+            if (result.kind === "ack") m.ack();
+            else if (result.kind === "retry") m.nak(result.delayMs);
+            else {
+              log.warn({ subject: m.subject, reason: result.reason }, "message terminated");
+              // no reason argument: servers before 2.11 ignore term with a reason
+              m.term();
+            }
+            handled.inc({ consumer: durable, outcome: result.kind });
+            duration.observe({ consumer: durable }, (performance.now() - started) / 1000);
+            span.end();
+          },
+        ),
+      );
+    };
+
+    const loop = (async () => {
+      for await (const m of messages) {
+        if (stopping) {
+          m.nak();
+          continue;
+        }
+        while (inFlight >= maxInFlight) await slotFree();
+        inFlight++;
+        void run(m)
+          .catch((err) => log.error({ err }, "unexpected error in message handling"))
+          .finally(() => {
+            inFlight--;
+            wake?.();
+            if (inFlight === 0) for (const f of idle) f();
+          });
+      }
+    })();
+
+    const sub: Subscription = {
+      get inFlight() {
+        return inFlight;
+      },
+      stop: async () => {
+        if (stopping) return;
+        stopping = true;
+        await messages.close().catch(() => {});
+        wake?.();
+        await loop.catch(() => {});
+        if (inFlight > 0) await new Promise<void>((resolve) => idle.add(resolve));
+        this.#subs.delete(sub);
+      },
+    };
+    this.#subs.add(sub);
+    return sub;
+  }
+
+  /** Stops consumers (waiting for their handlers), then drains and closes the connection. */
+  async close(): Promise<void> {
+    await Promise.all([...this.#subs].map((s) => s.stop()));
+    if (!this.nc.isClosed()) await this.nc.drain().catch(() => this.nc.close());
+  }
+}

@@ -1,0 +1,139 @@
+import { type ConsumerKey, type StreamKey, topology } from "@mailpipe/contracts";
+import {
+  AckPolicy,
+  DeliverPolicy,
+  DiscardPolicy,
+  JetStreamApiError,
+  type JetStreamManager,
+  RetentionPolicy,
+  StorageType,
+  type StreamConfig,
+} from "@nats-io/jetstream";
+import { nanos } from "@nats-io/transport-node";
+import { BusError } from "./errors.ts";
+
+export interface TopologySettings {
+  /** stream replicas (3 in a clustered production deployment) */
+  replicas: number;
+  /** how long the events stream keeps events */
+  eventsMaxAgeMs: number;
+  /** window in which a repeated Nats-Msg-Id is stored once */
+  duplicateWindowMs: number;
+  /** backstop TTL of stored bodies; longer than the queue lifetime */
+  bodyTtlMs: number;
+}
+
+export const defaultTopologySettings: TopologySettings = {
+  replicas: 1,
+  eventsMaxAgeMs: 7 * 24 * 3600_000,
+  duplicateWindowMs: 2 * 60_000,
+  bodyTtlMs: 7 * 24 * 3600_000,
+};
+
+const STREAM_NOT_FOUND = 10059;
+const STREAM_NAME_IN_USE = 10058;
+const CONSUMER_NOT_FOUND = 10014;
+
+function isApiError(err: unknown, code: number): boolean {
+  return err instanceof JetStreamApiError && err.code === code;
+}
+
+function streamConfig(key: StreamKey, s: TopologySettings): Partial<StreamConfig> & { name: string } {
+  const def = topology.streams[key];
+  const workqueue = def.kind === "workqueue";
+  return {
+    name: def.name,
+    subjects: [...def.subjects],
+    retention: workqueue ? RetentionPolicy.Workqueue : RetentionPolicy.Limits,
+    storage: StorageType.File,
+    num_replicas: s.replicas,
+    discard: DiscardPolicy.Old,
+    duplicate_window: nanos(s.duplicateWindowMs),
+    max_age: workqueue ? 0 : nanos(s.eventsMaxAgeMs),
+    max_msg_size: 1024 * 1024,
+    allow_direct: true,
+  };
+}
+
+/** Creates or updates one stream; safe to run from every replica at once. */
+export async function ensureStream(
+  jsm: JetStreamManager,
+  key: StreamKey,
+  s: TopologySettings,
+): Promise<void> {
+  const want = streamConfig(key, s);
+  for (let round = 0; round < 3; round++) {
+    let have: StreamConfig | null = null;
+    try {
+      have = (await jsm.streams.info(want.name)).config;
+    } catch (err) {
+      if (!isApiError(err, STREAM_NOT_FOUND)) throw err;
+    }
+    if (!have) {
+      try {
+        await jsm.streams.add(want);
+        return;
+      } catch (err) {
+        if (isApiError(err, STREAM_NAME_IN_USE)) continue; // another replica won the race
+        throw new BusError(`creating stream ${want.name} failed: ${(err as Error).message}`, { cause: err });
+      }
+    }
+    if (have.retention !== want.retention) {
+      throw new BusError(
+        `stream ${want.name} exists with retention ${have.retention}, expected ${want.retention}; ` +
+          "it cannot be changed in place: drain it and delete it (nats stream rm) to let the services recreate it",
+      );
+    }
+    const drift =
+      JSON.stringify([...have.subjects].sort()) !== JSON.stringify([...(want.subjects ?? [])].sort()) ||
+      have.max_age !== want.max_age ||
+      have.duplicate_window !== want.duplicate_window ||
+      have.num_replicas !== want.num_replicas;
+    if (drift) {
+      await jsm.streams.update(want.name, { ...have, ...want } as StreamConfig);
+    }
+    return;
+  }
+}
+
+export interface ConsumerSettings {
+  ackWaitMs: number;
+  maxAckPending: number;
+}
+
+/** Creates or updates a durable pull consumer from the design's table. */
+export async function ensureConsumer(
+  jsm: JetStreamManager,
+  key: ConsumerKey,
+  { ackWaitMs, maxAckPending }: ConsumerSettings,
+): Promise<{ stream: string; durable: string }> {
+  const def = topology.consumers[key];
+  const config = {
+    durable_name: def.durable,
+    ack_policy: AckPolicy.Explicit,
+    deliver_policy: DeliverPolicy.All,
+    filter_subject: def.filter,
+    ack_wait: nanos(ackWaitMs),
+    max_ack_pending: maxAckPending,
+    max_deliver: -1,
+  };
+  try {
+    const info = await jsm.consumers.info(def.stream, def.durable);
+    const c = info.config;
+    if (
+      c.ack_wait !== config.ack_wait ||
+      c.max_ack_pending !== config.max_ack_pending ||
+      c.filter_subject !== config.filter_subject
+    ) {
+      await jsm.consumers.update(def.stream, def.durable, {
+        ack_wait: config.ack_wait,
+        max_ack_pending: config.max_ack_pending,
+        filter_subject: config.filter_subject,
+      });
+    }
+  } catch (err) {
+    if (!isApiError(err, CONSUMER_NOT_FOUND)) throw err;
+    await jsm.consumers.add(def.stream, config);
+  }
+  return { stream: def.stream, durable: def.durable };
+}

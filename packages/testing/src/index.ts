@@ -1,0 +1,48 @@
+export type { Exit } from "./children.ts";
+export {
+  type DnsQuery,
+  type DnsRecords,
+  type DnsServerHandle,
+  type MxRecord,
+  reverseName,
+  type StartDnsServerOptions,
+  startDnsServer,
+} from "./dns-server.ts";
+export {
+  freePort,
+  type LogMatch,
+  repoRoot,
+  type ServiceHandle,
+  type StartServiceOptions,
+  startService,
+  type TempDir,
+  tempDir,
+  type WaitForOptions,
+  waitFor,
+} from "./process.ts";
+export {
+  chooseServerMode,
+  detectContainerRuntime,
+  findBinary,
+  type NatsHandle,
+  type ServerHandle,
+  type ServerMode,
+  type ServerModeInput,
+  type StartNatsOptions,
+  type StartRedisOptions,
+  startNats,
+  startRedis,
+} from "./servers.ts";
+export {
+  type Action,
+  type PeerContext,
+  type PeerMessage,
+  type PeerScript,
+  type PeerStage,
+  type SmtpPeer,
+  type StartSmtpPeerOptions,
+  type Step,
+  sequence,
+  startSmtpPeer,
+} from "./smtp-peer.ts";
+export { type CertPair, createSelfSignedCert, type SelfSignedCertOptions } from "./tls.ts";
