@@ -13,7 +13,10 @@ export class Metrics {
   }
 
   counter<L extends string>(name: string, help: string, labelNames: readonly L[] = []): Counter<L> {
-    return this.#get(name, () => new Counter({ name: `mailpipe_${name}`, help, labelNames, registers: [this.registry] }));
+    return this.#get(
+      name,
+      () => new Counter({ name: `mailpipe_${name}`, help, labelNames, registers: [this.registry] }),
+    );
   }
 
   gauge<L extends string>(
@@ -43,7 +46,8 @@ export class Metrics {
   ): Histogram<L> {
     return this.#get(
       name,
-      () => new Histogram({ name: `mailpipe_${name}`, help, labelNames, buckets, registers: [this.registry] }),
+      () =>
+        new Histogram({ name: `mailpipe_${name}`, help, labelNames, buckets, registers: [this.registry] }),
     );
   }
 

@@ -17,12 +17,22 @@ describe("telemetry", () => {
   it("log lines carry service, queueId, trace_id and span_id inside a span", async () => {
     const { lines, stream } = capture();
     const exporter = new InMemorySpanExporter();
-    const t = createTelemetry({ service: "mx", logDestination: stream, spanExporter: exporter, defaultMetrics: false });
+    const t = createTelemetry({
+      service: "mx",
+      logDestination: stream,
+      spanExporter: exporter,
+      defaultMetrics: false,
+    });
     t.log.info("starting");
     await withQueueId("01J00000000000000000000000", () =>
-      inSpan(t.tracer, "smtp.data", { kind: SpanKind.SERVER, attributes: { [attr.queueId]: "x" } }, async () => {
-        t.log.info({ size: 10 }, "accepted");
-      }),
+      inSpan(
+        t.tracer,
+        "smtp.data",
+        { kind: SpanKind.SERVER, attributes: { [attr.queueId]: "x" } },
+        async () => {
+          t.log.info({ size: 10 }, "accepted");
+        },
+      ),
     );
     expect(lines[0]).toMatchObject({ service: "mx", level: "info", msg: "starting" });
     expect(lines[0]).not.toHaveProperty("queueId");

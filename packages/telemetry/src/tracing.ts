@@ -1,4 +1,12 @@
-import { context, propagation, type Span, SpanKind, SpanStatusCode, type Tracer, trace } from "@opentelemetry/api";
+import {
+  context,
+  propagation,
+  type Span,
+  SpanKind,
+  SpanStatusCode,
+  type Tracer,
+  trace,
+} from "@opentelemetry/api";
 import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-hooks";
 import { W3CTraceContextPropagator } from "@opentelemetry/core";
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
@@ -43,11 +51,18 @@ export interface Tracing {
   shutdown(): Promise<void>;
 }
 
-export function createTracing({ service, version, exporter, otlpEndpoint, env = process.env }: TracingOptions): Tracing {
+export function createTracing({
+  service,
+  version,
+  exporter,
+  otlpEndpoint,
+  env = process.env,
+}: TracingOptions): Tracing {
   installContextGlobals();
   const processors: SpanProcessor[] = [];
   const endpoint = otlpEndpoint ?? env.OTEL_EXPORTER_OTLP_ENDPOINT;
-  const tracesUrl = env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT ?? (endpoint ? `${endpoint.replace(/\/$/, "")}/v1/traces` : "");
+  const tracesUrl =
+    env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT ?? (endpoint ? `${endpoint.replace(/\/$/, "")}/v1/traces` : "");
   if (tracesUrl) {
     processors.push(
       new BatchSpanProcessor({
@@ -95,17 +110,24 @@ export async function inSpan<T>(
   fn: (span: Span) => Promise<T> | T,
 ): Promise<T> {
   const attributes = cleanAttributes(options.attributes);
-  return tracer.startActiveSpan(name, { kind: options.kind ?? SpanKind.INTERNAL, attributes }, async (span) => {
-    try {
-      return await fn(span);
-    } catch (err) {
-      span.setStatus({ code: SpanStatusCode.ERROR, message: (err as Error)?.message ?? String(err) });
-      span.recordException({ name: (err as Error)?.name ?? "Error", message: (err as Error)?.message ?? String(err) });
-      throw err;
-    } finally {
-      span.end();
-    }
-  });
+  return tracer.startActiveSpan(
+    name,
+    { kind: options.kind ?? SpanKind.INTERNAL, attributes },
+    async (span) => {
+      try {
+        return await fn(span);
+      } catch (err) {
+        span.setStatus({ code: SpanStatusCode.ERROR, message: (err as Error)?.message ?? String(err) });
+        span.recordException({
+          name: (err as Error)?.name ?? "Error",
+          message: (err as Error)?.message ?? String(err),
+        });
+        throw err;
+      } finally {
+        span.end();
+      }
+    },
+  );
 }
 
 export function cleanAttributes(
