@@ -1,0 +1,296 @@
+// `npm start`: the whole pipeline on loopback for development. Starts NATS (JetStream, file
+// storage), Redis (AOF), a DNS server for the development domain, and every service under
+// services/, with a development directory and TLS certificate; prints what is listening and how
+// to send a first message. All data lives in one folder (.data/ unless MAILPIPE_DATA_DIR is set).
+// Ctrl-C stops everything. Variables set in the environment reach the services and win over the
+// defaults below (`MAILDIR_ROOT=/tmp/mail npm start`).
+import { type ChildProcess, spawn } from "node:child_process";
+import { existsSync } from "node:fs";
+import { appendFile, mkdir, readFile, writeFile } from "node:fs/promises";
+import { connect } from "node:net";
+import { join, relative, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { developmentDirectory } from "@mailpipe/directory";
+import { createSelfSignedCert, startDnsServer } from "@mailpipe/testing";
+
+const root = fileURLToPath(new URL("..", import.meta.url));
+const env = process.env;
+const dataDir = resolve(env.MAILPIPE_DATA_DIR ?? join(root, ".data"));
+const num = (name: string, fallback: number) => Number(env[name] ?? fallback);
+const ports = {
+  nats: num("DEV_NATS_PORT", 14222),
+  redis: num("DEV_REDIS_PORT", 16379),
+  dns: num("DEV_DNS_PORT", 15353),
+  http: num("DEV_HTTP_PORT_BASE", 19100),
+  mx: num("MX_PORT", 2525),
+  submission: num("MSA_SUBMISSION_PORT", 2587),
+  submissions: num("MSA_SUBMISSIONS_PORT", 2465),
+};
+const host = "127.0.0.1";
+const rel = (p: string) => {
+  const r = relative(process.cwd(), p);
+  return r.startsWith("..") ? p : r || ".";
+};
+const color = process.stdout.isTTY ? (code: number, s: string) => `\x1b[${code}m${s}\x1b[0m` : (_c: number, s: string) => s;
+const say = (msg: string) => process.stdout.write(`${color(36, "[mailpipe]")} ${msg}\n`);
+
+const ORDER = ["router", "mda", "delivery", "mx", "msa"] as const;
+type Name = (typeof ORDER)[number];
+const services = ORDER.filter((n) => existsSync(join(root, "services", n, "src", "main.ts")));
+
+interface Proc {
+  name: string;
+  child: ChildProcess;
+  exited: Promise<number | null>;
+}
+const procs = new Map<string, Proc>();
+let stopping = false;
+
+function waitPort(port: number, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  return new Promise((resolvePort, reject) => {
+    const attempt = () => {
+      const s = connect(port, host);
+      s.once("connect", () => {
+        s.destroy();
+        resolvePort();
+      });
+      s.once("error", () => {
+        s.destroy();
+        if (Date.now() > deadline) reject(new Error(`nothing listens on ${host}:${port} after ${timeoutMs} ms`));
+        else setTimeout(attempt, 100);
+      });
+    };
+    attempt();
+  });
+}
+
+async function portFree(port: number): Promise<boolean> {
+  return new Promise((r) => {
+    const s = connect(port, host);
+    s.once("connect", () => {
+      s.destroy();
+      r(false);
+    });
+    s.once("error", () => r(true));
+  });
+}
+
+/** One log line a person can read: time, service, level, message, queue id. */
+function formatLine(name: string, line: string): string {
+  try {
+    const j = JSON.parse(line) as Record<string, unknown>;
+    const time = typeof j.time === "string" ? j.time.slice(11, 19) : "";
+    const level = String(j.level ?? "info");
+    const lc = level === "error" || level === "fatal" ? 31 : level === "warn" ? 33 : 90;
+    const extra = [
+      j.queueId ? `queue=${j.queueId}` : "",
+      j.err ? `err=${typeof j.err === "object" ? ((j.err as { message?: string }).message ?? "") : j.err}` : "",
+    ]
+      .filter(Boolean)
+      .join(" ");
+    return `${color(90, time)} ${color(35, name.padEnd(8))} ${color(lc, level.padEnd(5))} ${j.msg ?? ""} ${color(90, extra)}`;
+  } catch {
+    return `${color(35, name.padEnd(8))} ${line}`;
+  }
+}
+
+function launch(name: string, cmd: string, args: string[], childEnv: NodeJS.ProcessEnv, quiet = false): Proc {
+  // Own process group: Ctrl-C reaches only this supervisor, which stops the services before
+  // NATS and Redis, so in-flight work finishes instead of failing against a vanished bus.
+  const child = spawn(cmd, args, { cwd: root, env: childEnv, stdio: ["ignore", "pipe", "pipe"], detached: true });
+  const logFile = join(dataDir, "logs", `${name}.log`);
+  const onData = (buf: Buffer) => {
+    void appendFile(logFile, buf);
+    if (quiet) return;
+    for (const line of buf.toString("utf8").split("\n")) if (line.trim()) process.stdout.write(`${formatLine(name, line)}\n`);
+  };
+  child.stdout?.on("data", onData);
+  child.stderr?.on("data", onData);
+  const exited = new Promise<number | null>((r) => child.once("exit", (code) => r(code)));
+  const p = { name, child, exited };
+  procs.set(name, p);
+  void exited.then(async (code) => {
+    if (stopping || procs.get(name) !== p) return;
+    say(color(31, `${name} exited with code ${code}; its log is ${rel(logFile)}. Stopping everything.`));
+    await stopAll(1);
+  });
+  return p;
+}
+
+async function stopAll(code = 0): Promise<never> {
+  if (!stopping) {
+    stopping = true;
+    say("stopping…");
+    const svc = [...procs.values()].filter((p) => (services as readonly string[]).includes(p.name));
+    const infra = [...procs.values()].filter((p) => !svc.includes(p));
+    const stop = async (p: Proc) => {
+      if (p.child.exitCode !== null) return;
+      p.child.kill("SIGTERM");
+      const t = setTimeout(() => p.child.kill("SIGKILL"), 40_000);
+      await p.exited;
+      clearTimeout(t);
+    };
+    await Promise.all(svc.map(stop));
+    await Promise.all(infra.map(stop));
+    say("stopped");
+  }
+  process.exit(code);
+}
+
+async function main(): Promise<void> {
+  await mkdir(join(dataDir, "logs"), { recursive: true });
+  process.on("SIGINT", () => void stopAll(0));
+  process.on("SIGTERM", () => void stopAll(0));
+  process.on("exit", () => {
+    for (const p of procs.values()) if (p.child.exitCode === null) p.child.kill("SIGKILL");
+  });
+
+  // Development directory and keys, created once and kept.
+  const directoryFile = env.DIRECTORY_FILE ?? join(dataDir, "directory.yaml");
+  if (!existsSync(directoryFile)) {
+    await writeFile(directoryFile, await developmentDirectory({ keyDir: join(dataDir, "dkim") }), { mode: 0o600 });
+    say(`wrote the development directory ${rel(directoryFile)}`);
+  }
+  const certFile = env.TLS_CERT_FILE ?? join(dataDir, "tls", "cert.pem");
+  const keyFile = env.TLS_KEY_FILE ?? join(dataDir, "tls", "key.pem");
+  if (!existsSync(certFile) || !existsSync(keyFile)) {
+    await mkdir(join(dataDir, "tls"), { recursive: true });
+    const { cert, key } = await createSelfSignedCert({ hostnames: ["mail.example.test", "localhost", host] });
+    await writeFile(certFile, cert);
+    await writeFile(keyFile, key, { mode: 0o600 });
+    say(`wrote a self-signed development certificate ${rel(certFile)}`);
+  }
+
+  // NATS and Redis, unless the environment points at running ones.
+  let natsUrl = env.NATS_URL;
+  if (!natsUrl) {
+    if (!(await portFree(ports.nats))) throw new Error(`port ${ports.nats} is taken: set DEV_NATS_PORT or NATS_URL`);
+    const store = join(dataDir, "nats");
+    await mkdir(store, { recursive: true });
+    launch("nats", "nats-server", ["-js", "-sd", store, "-a", host, "-p", String(ports.nats)], env, true);
+    await waitPort(ports.nats, 10_000);
+    natsUrl = `nats://${host}:${ports.nats}`;
+  }
+  let redisUrl = env.REDIS_URL;
+  if (!redisUrl) {
+    if (!(await portFree(ports.redis))) throw new Error(`port ${ports.redis} is taken: set DEV_REDIS_PORT or REDIS_URL`);
+    const dir = join(dataDir, "redis");
+    await mkdir(dir, { recursive: true });
+    launch(
+      "redis",
+      "redis-server",
+      ["--port", String(ports.redis), "--bind", host, "--dir", dir, "--appendonly", "yes", "--save", "", "--protected-mode", "no"],
+      env,
+      true,
+    );
+    await waitPort(ports.redis, 10_000);
+    redisUrl = `redis://${host}:${ports.redis}`;
+  }
+
+  // DNS for the development domain (SPF, DKIM, DMARC), unless DNS_SERVERS is set. Other names
+  // answer NXDOMAIN at once instead of waiting on a resolver a sandbox may not reach.
+  let dnsServers = env.DNS_SERVERS;
+  if (dnsServers === undefined) {
+    const dkimTxt = await readFile(join(dataDir, "dkim", "example.test.mail.dns.txt"), "utf8").catch(() => "");
+    const dkimValue = /"(.*)"/.exec(dkimTxt)?.[1];
+    const dns = await startDnsServer({
+      host,
+      port: ports.dns,
+      records: {
+        "example.test": { MX: [{ exchange: "mail.example.test", priority: 10 }], TXT: ["v=spf1 ip4:127.0.0.0/8 -all"] },
+        "mail.example.test": { A: [host] },
+        "_dmarc.example.test": { TXT: ["v=DMARC1; p=none"] },
+        ...(dkimValue ? { "mail._domainkey.example.test": { TXT: [dkimValue] } } : {}),
+      },
+    });
+    dnsServers = dns.address;
+  }
+
+  const maildirRoot = env.MAILDIR_ROOT ?? join(dataDir, "mail");
+  const serviceEnv = (name: Name, i: number): NodeJS.ProcessEnv => ({
+    MAIL_HOSTNAME: "mail.example.test",
+    LOG_LEVEL: "info",
+    HTTP_HOST: host,
+    MX_HOST: host,
+    MSA_HOST: host,
+    MX_PORT: String(ports.mx),
+    MSA_SUBMISSION_PORT: String(ports.submission),
+    MSA_SUBMISSIONS_PORT: String(ports.submissions),
+    MAILDIR_ROOT: maildirRoot,
+    SMTP_BLOCK_LOCAL_ADDRESSES: "false",
+    ...env,
+    // these are set by npm start itself
+    NATS_URL: natsUrl,
+    REDIS_URL: redisUrl,
+    DNS_SERVERS: dnsServers,
+    DIRECTORY_FILE: directoryFile,
+    TLS_CERT_FILE: certFile,
+    TLS_KEY_FILE: keyFile,
+    HTTP_PORT: env[`${name.toUpperCase()}_HTTP_PORT`] ?? String(ports.http + i + 1),
+  });
+  const httpPorts = new Map<Name, number>();
+  services.forEach((name, i) => {
+    const e = serviceEnv(name, i);
+    httpPorts.set(name, Number(e.HTTP_PORT));
+    launch(name, process.execPath, [join(root, "services", name, "src", "main.ts")], e);
+  });
+
+  // Ready when every /readyz answers 200.
+  const deadline = Date.now() + 60_000;
+  for (const name of services) {
+    for (;;) {
+      const ok = await fetch(`http://${host}:${httpPorts.get(name)}/readyz`)
+        .then((r) => r.status === 200)
+        .catch(() => false);
+      if (ok) break;
+      if (Date.now() > deadline) {
+        say(color(31, `${name} did not become ready within 60 s; see ${rel(join(dataDir, "logs", `${name}.log`))}`));
+        await stopAll(1);
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+
+  const lines = [
+    "",
+    color(32, "mailpipe is running on loopback (development mode)."),
+    "",
+    ...(services.includes("mx") ? [`  mx   inbound SMTP            ${host}:${ports.mx} (STARTTLS)`] : []),
+    ...(services.includes("msa")
+      ? [`  msa  submission              ${host}:${ports.submission} (STARTTLS + AUTH), ${host}:${ports.submissions} (TLS + AUTH)`]
+      : []),
+    `  NATS ${natsUrl}   Redis ${redisUrl}   DNS ${dnsServers || "(system)"}`,
+    `  health and metrics           ${services.map((n) => `${n} http://${host}:${httpPorts.get(n)}/metrics`).join(", ")}`,
+    `  data                         ${rel(dataDir)} (JetStream store, Redis, mail, logs)`,
+    "",
+    "  Development users (DEVELOPMENT ONLY, the passwords are public):",
+    "    alice@example.test / alice-dev-password     bob@example.test / bob-dev-password",
+    "",
+  ];
+  if (services.includes("mx")) {
+    lines.push(
+      "  Send a first message (in another terminal):",
+      `    swaks --server ${host}:${ports.mx} --from someone@elsewhere.test --to alice@example.test --header "Subject: first message"`,
+    );
+  }
+  if (services.includes("msa")) {
+    lines.push(
+      "  Or submit as alice, like a mail client would:",
+      `    swaks --server ${host}:${ports.submission} --tls --auth-user alice@example.test --auth-password alice-dev-password --from alice@example.test --to bob@example.test`,
+    );
+  }
+  lines.push(
+    "  Read it:",
+    `    ls ${rel(join(maildirRoot, "example.test", "alice", "Maildir", "new"))}/ && cat ${rel(join(maildirRoot, "example.test", "alice", "Maildir", "new"))}/*`,
+    "",
+    "  Ctrl-C stops everything.",
+    "",
+  );
+  process.stdout.write(`${lines.join("\n")}\n`);
+}
+
+main().catch(async (err) => {
+  say(color(31, `could not start: ${(err as Error).message}`));
+  await stopAll(1);
+});
