@@ -8,6 +8,7 @@ export {
   type StartDnsServerOptions,
   startDnsServer,
 } from "./dns-server.ts";
+export { type OtlpReceiver, type ReceivedSpan, startOtlpReceiver } from "./otlp-receiver.ts";
 export {
   freePort,
   type LogMatch,
