@@ -59,10 +59,15 @@ fi
 
 # Servers and tools from Debian's packages: command -> package.
 need_debs=()
-declare -A deb_of=([nats-server]=nats-server [redis-server]=redis-server [swaks]=swaks [smtp-source]=postfix [openssl]=openssl)
+# swaks needs Net::SSLeay for --tls, which apt leaves out with --no-install-recommends
+declare -A deb_of=([nats-server]=nats-server [redis-server]=redis-server [swaks]="swaks libnet-ssleay-perl" [smtp-source]=postfix [openssl]=openssl)
 for cmd in nats-server redis-server openssl "$@"; do
-  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need_debs+=("${deb_of[$cmd]:-$cmd}")
+  # shellcheck disable=SC2206 # a value may name several packages
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need_debs+=(${deb_of[$cmd]:-$cmd})
 done
+case " $* " in
+  *" swaks "*) perl -MNet::SSLeay -e 1 2>/dev/null || need_debs+=(libnet-ssleay-perl) ;;
+esac
 if ((${#need_debs[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     say "installing Debian packages: ${need_debs[*]}"

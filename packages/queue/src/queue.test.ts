@@ -1,0 +1,328 @@
+import { newQueueId, replies } from "@mailpipe/contracts";
+import { type ServerHandle, startRedis, waitFor } from "@mailpipe/testing";
+import { Redis } from "ioredis";
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import { MailQueue, type MessageInput, type RecipientRecord, type RetryJob } from "./index.ts";
+
+let server: ServerHandle;
+const clients: Redis[] = [];
+
+function client(): Redis {
+  const r = new Redis(server.url, { maxRetriesPerRequest: 2, retryStrategy: (n) => Math.min(n * 100, 1000) });
+  clients.push(r);
+  return r;
+}
+
+beforeAll(async () => {
+  server = await startRedis();
+});
+afterAll(async () => {
+  for (const c of clients) c.disconnect();
+  await server?.stop();
+});
+beforeEach(async () => {
+  await client().flushall();
+});
+
+function message(queueId = newQueueId(), over: Partial<MessageInput> = {}): MessageInput {
+  return {
+    queueId,
+    mailFrom: "sender@remote.test",
+    receivedAt: new Date().toISOString(),
+    source: "mx",
+    body: { bucket: "mail-bodies", key: queueId, size: 10, sha256: "a".repeat(64) },
+    messageId: `<${queueId}@remote.test>`,
+    traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    smtputf8: false,
+    bodyType: "8BITMIME",
+    notices: true,
+    ...over,
+  };
+}
+
+function remote(address: string, over: Partial<RecipientRecord> = {}): RecipientRecord {
+  return {
+    rid: `r:${address}`,
+    seq: 0,
+    kind: "remote",
+    address,
+    domain: address.split("@")[1]!,
+    state: "pending",
+    attempt: 1,
+    notifyFailure: true,
+    notifyDelay: true,
+    ...over,
+  };
+}
+
+const deferred = (at = Date.now()) => ({
+  lastReply: replies.mailboxFull(),
+  remoteMta: "mx1.remote.test",
+  lastAttemptAt: new Date(at).toISOString(),
+});
+
+/** A message with `n` recipients, each deferred once so that each has a retry job due at `due`. */
+async function scheduled(q: MailQueue, n: number, due: number): Promise<string> {
+  const m = message();
+  const rcpts = Array.from({ length: n }, (_, i) => remote(`user${i}@remote.test`, { seq: i }));
+  await q.createMessage(m, rcpts);
+  for (const r of rcpts) {
+    const res = await q.scheduleRetry(m.queueId, r.rid, 1, due, deferred(), { delayNotice: false });
+    expect(res.status).toBe("ok");
+  }
+  return m.queueId;
+}
+
+describe("message state", () => {
+  it("records a message once: a redelivered copy neither resets attempts nor counts twice", async () => {
+    const q = new MailQueue(client());
+    const m = message();
+    const first = await q.createMessage(m, [remote("a@remote.test"), remote("b@remote.test")]);
+    expect(first.status).toBe("created");
+    await q.scheduleRetry(m.queueId, "r:a@remote.test", 1, Date.now() + 60_000, deferred(), {
+      delayNotice: false,
+    });
+
+    const again = await q.createMessage(m, [remote("a@remote.test"), remote("b@remote.test")]);
+    expect(again.status).toBe("exists");
+    if (again.status !== "exists") return;
+    const a = again.recipients.find((r) => r.rid === "r:a@remote.test")!;
+    expect(a.attempt).toBe(2);
+    expect(a.lastReply).toEqual(replies.mailboxFull());
+    const state = await q.getMessage(m.queueId);
+    expect(state?.message).toMatchObject({
+      open: 2,
+      total: 2,
+      mailFrom: "sender@remote.test",
+      notices: true,
+    });
+    expect(state?.message.body).toEqual(m.body);
+  });
+
+  it("ignores stale and duplicate statuses, and finalizes the message when the last recipient is final", async () => {
+    const q = new MailQueue(client());
+    const m = message();
+    await q.createMessage(m, [remote("a@remote.test"), remote("b@remote.test")]);
+    await q.scheduleRetry(m.queueId, "r:a@remote.test", 1, Date.now() + 60_000, deferred(), {
+      delayNotice: false,
+    });
+    // a second "deferred" for attempt 1 (redelivery) is stale now
+    const dup = await q.scheduleRetry(m.queueId, "r:a@remote.test", 1, Date.now(), deferred(), {
+      delayNotice: false,
+    });
+    expect(dup.status).toBe("stale");
+    const stale = await q.finishRecipient(m.queueId, "r:a@remote.test", 1, "delivered", deferred(), {
+      dsn: false,
+    });
+    expect(stale.status).toBe("stale");
+
+    const b = await q.finishRecipient(m.queueId, "r:b@remote.test", 1, "delivered", deferred(), {
+      dsn: false,
+    });
+    expect(b).toMatchObject({ status: "ok", dsnQueued: false });
+    expect(b.status === "ok" && b.finalized).toBeFalsy();
+    const a = await q.finishRecipient(m.queueId, "r:a@remote.test", 2, "delivered", deferred(), {
+      dsn: false,
+    });
+    expect(a.status === "ok" && a.finalized).toBe(m.receivedAt);
+
+    expect(await q.getMessage(m.queueId)).toBeNull();
+    expect(await q.isFinished(m.queueId)).toBe(true);
+    expect((await q.createMessage(m, [remote("a@remote.test")])).status).toBe("finished");
+    expect((await q.stats()).scheduled).toBe(0);
+    // the body's deletion is queued as a task
+    const jobs = await q.claim(Date.now(), 10, 60_000);
+    expect(jobs).toEqual([expect.objectContaining({ kind: "gc", queueId: m.queueId, body: m.body })]);
+  });
+
+  it("finds a local recipient by mailbox or by the copy's address", async () => {
+    const q = new MailQueue(client());
+    const m = message();
+    const local: RecipientRecord = {
+      rid: "l:alice@example.test",
+      seq: 0,
+      kind: "local",
+      address: "alice+news@example.test",
+      mailbox: "alice@example.test",
+      folder: "news",
+      state: "pending",
+      attempt: 1,
+      notifyFailure: true,
+      notifyDelay: true,
+    };
+    await q.createMessage(m, [local]);
+    expect((await q.findRecipient(m.queueId, "alice@example.test", "local"))?.rid).toBe(local.rid);
+    expect((await q.findRecipient(m.queueId, "alice+news@example.test", "local"))?.rid).toBe(local.rid);
+    expect(await q.findRecipient(m.queueId, "bob@example.test", "local")).toBeNull();
+  });
+
+  it("batches bounces into one failure DSN task and keeps the body until it is done", async () => {
+    const q = new MailQueue(client(), { dsnBatchDelayMs: 0 });
+    const m = message();
+    await q.createMessage(m, [remote("a@remote.test"), remote("b@remote.test"), remote("c@remote.test")]);
+    const now = Date.now();
+    const bounce = { lastReply: replies.noSuchUser(), lastAttemptAt: new Date(now).toISOString() };
+    expect(
+      await q.finishRecipient(m.queueId, "r:a@remote.test", 1, "bounced", bounce, { dsn: true, now }),
+    ).toMatchObject({ status: "ok", dsnQueued: true });
+    await q.finishRecipient(m.queueId, "r:b@remote.test", 1, "bounced", bounce, { dsn: true, now });
+    const [task] = await q.claim(now, 10, 60_000);
+    expect(task).toMatchObject({ kind: "dsn", dsnKind: "failure", queueId: m.queueId });
+    if (task?.kind !== "dsn") return;
+
+    const first = await q.prepareTask(task, {
+      dsnQueueId: "X1",
+      rids: '["r:a@remote.test","r:b@remote.test"]',
+    });
+    const second = await q.prepareTask(task, { dsnQueueId: "X2", rids: "[]" });
+    expect(second).toMatchObject({ dsnQueueId: "X1" });
+    expect(first).toEqual(second);
+
+    // the last recipient bounces while the DSN is being built: it gets a DSN of its own
+    const c = await q.finishRecipient(m.queueId, "r:c@remote.test", 1, "bounced", bounce, { dsn: true, now });
+    expect(c.status === "ok" && c.finalized).toBeFalsy();
+    const done = await q.completeDsn(task, "failure", ["r:a@remote.test", "r:b@remote.test"], now);
+    expect(done).toEqual({ status: "ok" });
+    const [next] = await q.claim(now, 10, 60_000);
+    expect(next).toMatchObject({ kind: "dsn", dsnKind: "failure", prepared: {} });
+    expect(await q.getMessage(m.queueId)).not.toBeNull();
+    const last = await q.completeDsn(next!, "failure", ["r:c@remote.test"], now);
+    expect(last).toEqual({ status: "ok", finalized: m.receivedAt });
+  });
+
+  it("queues the delay notice once per message, and never for a message that allows no DSNs", async () => {
+    const q = new MailQueue(client());
+    const m = message();
+    await q.createMessage(m, [remote("a@remote.test"), remote("b@remote.test")]);
+    const a = await q.scheduleRetry(m.queueId, "r:a@remote.test", 1, Date.now(), deferred(), {
+      delayNotice: true,
+    });
+    const b = await q.scheduleRetry(m.queueId, "r:b@remote.test", 1, Date.now(), deferred(), {
+      delayNotice: true,
+    });
+    expect(a).toMatchObject({ status: "ok", delayNoticeQueued: true });
+    expect(b).toMatchObject({ status: "ok", delayNoticeQueued: false });
+
+    const bounce = message(newQueueId(), { mailFrom: "", notices: false });
+    await q.createMessage(bounce, [remote("x@remote.test")]);
+    const x = await q.scheduleRetry(bounce.queueId, "r:x@remote.test", 1, Date.now(), deferred(), {
+      delayNotice: true,
+    });
+    expect(x).toMatchObject({ status: "ok", delayNoticeQueued: false });
+    const done = await q.finishRecipient(bounce.queueId, "r:x@remote.test", 2, "bounced", deferred(), {
+      dsn: true,
+    });
+    expect(done).toMatchObject({ status: "ok", dsnQueued: false, finalized: bounce.receivedAt });
+  });
+});
+
+describe("retry schedule", () => {
+  it("never gives one job to two concurrent claimers", async () => {
+    const q = new MailQueue(client());
+    const now = Date.now();
+    const ids = new Set<string>();
+    for (let i = 0; i < 4; i++) await scheduled(q, 50, now - 1000);
+    const claimers = [new MailQueue(client()), new MailQueue(client())];
+    const got: string[][] = [[], []];
+    await Promise.all(
+      claimers.map(async (c, i) => {
+        for (let round = 0; round < 100; round++) {
+          const jobs = await c.claim(Date.now(), 7, 60_000);
+          if (jobs.length === 0) break;
+          for (const j of jobs) got[i]!.push(j.id);
+        }
+      }),
+    );
+    for (const list of got) for (const id of list) ids.add(id);
+    expect(got[0]!.length + got[1]!.length).toBe(200);
+    expect(ids.size).toBe(200);
+    expect(got[0]!.length).toBeGreaterThan(0);
+    expect(got[1]!.length).toBeGreaterThan(0);
+    expect(await q.stats()).toMatchObject({ scheduled: 0, inFlight: 200 });
+  });
+
+  it("returns jobs whose lease expired, and complete() honours only the current lease", async () => {
+    const q = new MailQueue(client());
+    const now = Date.now();
+    await scheduled(q, 1, now - 10);
+    const [first] = await q.claim(now, 10, 100);
+    expect(first?.kind).toBe("retry");
+    expect(await q.claim(now, 10, 100)).toEqual([]);
+    expect(await q.releaseExpiredLeases(now + 50)).toBe(0);
+    expect(await q.releaseExpiredLeases(now + 200)).toBe(1);
+    const [second] = await q.claim(now + 200, 10, 100);
+    expect(second?.id).toBe(first!.id);
+    expect(second?.lease).not.toBe(first!.lease);
+
+    expect(await q.complete([first!])).toBe(0);
+    expect((await q.stats()).inFlight).toBe(1);
+    expect(await q.complete([second!])).toBe(1);
+    expect(await q.stats()).toMatchObject({ scheduled: 0, inFlight: 0 });
+  });
+
+  it("a retry scheduled while the previous attempt's job is still leased survives that job's complete()", async () => {
+    const q = new MailQueue(client());
+    const queueId = await scheduled(q, 1, Date.now() - 10);
+    const [job] = (await q.claim(Date.now(), 10, 60_000)) as RetryJob[];
+    expect(job?.recipient.attempt).toBe(2);
+    // the attempt-2 status arrives before the scheduler completed the job
+    await q.scheduleRetry(queueId, job!.recipient.rid, 2, Date.now() + 60_000, deferred(), {
+      delayNotice: false,
+    });
+    expect(await q.complete([job!])).toBe(0);
+    const list = await q.listScheduled();
+    expect(list).toHaveLength(1);
+    expect(list[0]).toMatchObject({ id: job!.id, attempts: 2 });
+    expect(await q.stats()).toMatchObject({ scheduled: 1, inFlight: 0 });
+  });
+
+  it("lists, flushes and marks scheduled retries for mailctl", async () => {
+    const q = new MailQueue(client());
+    const later = Date.now() + 3600_000;
+    const queueId = await scheduled(q, 2, later);
+    const list = await q.listScheduled({ limit: 10 });
+    expect(list).toHaveLength(2);
+    expect(list[0]).toMatchObject({
+      queueId,
+      kind: "remote",
+      destination: "remote.test",
+      attempts: 1,
+      lastReply: replies.mailboxFull(),
+      nextAttemptAt: new Date(later).toISOString(),
+    });
+    expect(list.map((e) => e.recipient).sort()).toEqual(["user0@remote.test", "user1@remote.test"]);
+    expect(await q.listScheduled({ limit: 1 })).toHaveLength(1);
+
+    const stats = await q.stats();
+    expect(stats).toMatchObject({ scheduled: 2, inFlight: 0, oldestDueAt: new Date(later).toISOString() });
+    expect(stats.oldestReceivedAt).not.toBeNull();
+
+    expect(await q.claim(Date.now(), 10, 60_000)).toEqual([]);
+    expect(await q.deleteScheduled(list[0]!.id, { action: "bounce" })).toBe("marked");
+    expect(await q.deleteScheduled("nope", { action: "drop" })).toBe("not-found");
+    const [marked] = (await q.claim(Date.now(), 10, 60_000)) as RetryJob[];
+    expect(marked).toMatchObject({ id: list[0]!.id, mark: "bounce" });
+    expect(await q.deleteScheduled(list[0]!.id, { action: "drop" })).toBe("in-flight");
+
+    expect(await q.flushScheduled()).toBe(1);
+    const [flushed] = await q.claim(Date.now(), 10, 60_000);
+    expect(flushed?.id).toBe(list[1]!.id);
+  });
+
+  it("keeps the schedule across a Redis restart (AOF)", async () => {
+    const redis = client();
+    const q = new MailQueue(redis);
+    const due = Date.now() + 500;
+    const queueId = await scheduled(q, 3, due);
+    await server.restart();
+    const list = await waitFor(() => q.listScheduled().catch(() => null), {
+      timeoutMs: 15_000,
+      message: "redis back",
+    });
+    expect(list.map((e) => e.queueId)).toEqual([queueId, queueId, queueId]);
+    // the scripts are reloaded transparently (NOSCRIPT after the restart)
+    const jobs = await q.claim(due + 1, 10, 60_000);
+    expect(jobs).toHaveLength(3);
+    expect((await q.getMessage(queueId))?.message.open).toBe(3);
+  });
+});

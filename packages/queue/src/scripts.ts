@@ -1,0 +1,262 @@
+// Lua scripts: every state change that must not interleave with another replica's runs as one script.
+// Key names are built inside the scripts from the prefix (ARGV[1]) because job and message ids are
+// only known there (claim); this is fine on a single Redis or Sentinel, not on Redis Cluster.
+//
+// Numbers that reach ZADD or PX are passed through as the caller's strings where possible: Lua 5.1
+// formats numbers with %.14g, which is exact for millisecond timestamps but not for everything.
+
+const COMMON = `
+local P = ARGV[1]
+local function mkey(q) return P .. "m:" .. q end
+local function rkey(q) return P .. "r:" .. q end
+local function akey(q) return P .. "a:" .. q end
+local function bkey(q) return P .. "b:" .. q end
+local function tkey(q) return P .. "t:" .. q end
+local function jkey(id) return P .. "j:" .. id end
+local DUE = P .. "due"
+local TASKS = P .. "tasks"
+local LEASE = P .. "lease"
+local MESSAGES = P .. "messages"
+
+local function drop_job(id)
+  redis.call("ZREM", DUE, id)
+  redis.call("ZREM", TASKS, id)
+  redis.call("ZREM", LEASE, id)
+  redis.call("DEL", jkey(id))
+end
+
+-- one failure-DSN job per message; bounces arriving while it waits (or runs) join it
+local function ensure_failure_dsn(q, due)
+  local id = q .. ":dsn-failure"
+  if redis.call("EXISTS", jkey(id)) == 0 then
+    redis.call("HSET", jkey(id), "kind", "dsn", "dsnKind", "failure", "queueId", q)
+    redis.call("ZADD", TASKS, due, id)
+  end
+end
+
+-- When no recipient is pending and no DSN still needs the body: drop the state, leave a tombstone,
+-- and queue the body's deletion. Returns receivedAt when it finalized.
+local function finalize(q, now, tomb_ttl)
+  local mk = mkey(q)
+  if redis.call("EXISTS", mk) == 0 then return false end
+  if tonumber(redis.call("HGET", mk, "open") or "0") > 0 then return false end
+  if redis.call("SCARD", bkey(q)) > 0 then return false end
+  if redis.call("EXISTS", jkey(q .. ":dsn-failure")) == 1 then return false end
+  if redis.call("EXISTS", jkey(q .. ":dsn-delay")) == 1 then return false end
+  local received = redis.call("HGET", mk, "receivedAt")
+  local body = redis.call("HGET", mk, "body")
+  local gc = q .. ":gc"
+  redis.call("HSET", jkey(gc), "kind", "gc", "queueId", q, "body", body)
+  redis.call("ZADD", TASKS, now, gc)
+  redis.call("DEL", mk, rkey(q), akey(q), bkey(q))
+  redis.call("ZREM", MESSAGES, q)
+  redis.call("SET", tkey(q), received, "PX", tomb_ttl)
+  return received
+end
+`;
+
+/** ARGV: prefix, queueId, now, messageJson, recipientsJson, tombstoneTtlMs, dsnBatchDelayMs */
+export const CREATE_MESSAGE = `${COMMON}
+local q, now = ARGV[2], ARGV[3]
+if redis.call("EXISTS", tkey(q)) == 1 then return {"finished"} end
+local mk, rk = mkey(q), rkey(q)
+local status = "exists"
+if redis.call("EXISTS", mk) == 0 then
+  status = "created"
+  local m = cjson.decode(ARGV[4])
+  local rs = cjson.decode(ARGV[5])
+  local open, total = 0, 0
+  local bounced = false
+  for _, r in ipairs(rs) do
+    if redis.call("HEXISTS", rk, r.rid) == 0 then
+      total = total + 1
+      if r.state == "pending" then
+        open = open + 1
+      elseif m.notices == "1" and r.notifyFailure then
+        redis.call("SADD", bkey(q), r.rid)
+        bounced = true
+      end
+      redis.call("HSET", rk, r.rid, cjson.encode(r))
+      if r.kind == "local" and r.address ~= r.mailbox then
+        redis.call("HSET", akey(q), r.address, r.rid)
+      end
+    end
+  end
+  for field, value in pairs(m) do redis.call("HSET", mk, field, value) end
+  redis.call("HSET", mk, "open", open, "total", total, "delayNotified", "0")
+  redis.call("ZADD", MESSAGES, m.receivedMs, q)
+  if bounced then ensure_failure_dsn(q, tonumber(now) + tonumber(ARGV[7])) end
+  if finalize(q, now, ARGV[6]) then return {"finalized"} end
+end
+local out = {status}
+for _, v in ipairs(redis.call("HVALS", rk)) do out[#out + 1] = v end
+return out
+`;
+
+/**
+ * ARGV: prefix, queueId, rid, expectedAttempt, state, patchJson, dsn ("1" to report it), now,
+ * dsnBatchDelayMs, tombstoneTtlMs
+ * Returns {"missing"} | {"stale", recipientJson} | {"ok", recipientJson, finalizedReceivedAt|"", dsnQueued}
+ */
+export const FINISH_RECIPIENT = `${COMMON}
+local q, rid, now = ARGV[2], ARGV[3], ARGV[8]
+local mk, rk = mkey(q), rkey(q)
+if redis.call("EXISTS", mk) == 0 then return {"missing"} end
+local raw = redis.call("HGET", rk, rid)
+if not raw then return {"missing"} end
+local r = cjson.decode(raw)
+if r.state ~= "pending" or tonumber(r.attempt) ~= tonumber(ARGV[4]) then return {"stale", raw} end
+r.state = ARGV[5]
+for field, value in pairs(cjson.decode(ARGV[6])) do r[field] = value end
+local encoded = cjson.encode(r)
+redis.call("HSET", rk, rid, encoded)
+redis.call("HINCRBY", mk, "open", -1)
+drop_job(q .. ":" .. rid)
+local queued = "0"
+if ARGV[7] == "1" and r.notifyFailure and redis.call("HGET", mk, "notices") == "1" then
+  redis.call("SADD", bkey(q), rid)
+  ensure_failure_dsn(q, tonumber(now) + tonumber(ARGV[9]))
+  queued = "1"
+end
+local fin = finalize(q, now, ARGV[10])
+return {"ok", encoded, fin or "", queued}
+`;
+
+/**
+ * ARGV: prefix, queueId, rid, expectedAttempt, dueAt, patchJson, delayNotice ("1" when due), now
+ * Returns {"missing"} | {"stale", recipientJson} | {"ok", recipientJson, delayQueued}
+ */
+export const SCHEDULE_RETRY = `${COMMON}
+local q, rid, now = ARGV[2], ARGV[3], ARGV[8]
+local mk, rk = mkey(q), rkey(q)
+if redis.call("EXISTS", mk) == 0 then return {"missing"} end
+local raw = redis.call("HGET", rk, rid)
+if not raw then return {"missing"} end
+local r = cjson.decode(raw)
+if r.state ~= "pending" or tonumber(r.attempt) ~= tonumber(ARGV[4]) then return {"stale", raw} end
+r.attempt = tonumber(r.attempt) + 1
+for field, value in pairs(cjson.decode(ARGV[6])) do r[field] = value end
+local encoded = cjson.encode(r)
+redis.call("HSET", rk, rid, encoded)
+-- replaces the job a scheduler may still hold a lease on: its complete() then finds another token
+local id = q .. ":" .. rid
+drop_job(id)
+local jk = jkey(id)
+redis.call("HSET", jk, "kind", "retry", "queueId", q, "rid", rid, "recipient", cjson.encode(r),
+  "receivedAt", redis.call("HGET", mk, "receivedAt"), "traceparent", redis.call("HGET", mk, "traceparent") or "")
+redis.call("ZADD", DUE, ARGV[5], id)
+local delay = "0"
+if ARGV[7] == "1" and redis.call("HGET", mk, "notices") == "1" and redis.call("HGET", mk, "delayNotified") ~= "1" then
+  redis.call("HSET", mk, "delayNotified", "1")
+  local did = q .. ":dsn-delay"
+  redis.call("HSET", jkey(did), "kind", "dsn", "dsnKind", "delay", "queueId", q)
+  redis.call("ZADD", TASKS, now, did)
+  delay = "1"
+end
+return {"ok", encoded, delay}
+`;
+
+/**
+ * ARGV: prefix, now, limit, leaseMs. Moves due jobs (internal tasks first) to the lease set and
+ * returns {id, {field, value, ...}} for each.
+ */
+export const CLAIM = `${COMMON}
+local now = ARGV[2]
+local left = tonumber(ARGV[3])
+local until_ = tonumber(now) + tonumber(ARGV[4])
+local out = {}
+for _, set in ipairs({TASKS, DUE}) do
+  if left <= 0 then break end
+  local ids = redis.call("ZRANGEBYSCORE", set, "-inf", now, "LIMIT", 0, left)
+  for _, id in ipairs(ids) do
+    redis.call("ZREM", set, id)
+    local jk = jkey(id)
+    if redis.call("EXISTS", jk) == 1 then
+      local token = tostring(redis.call("INCR", P .. "seq"))
+      redis.call("HSET", jk, "lease", token)
+      redis.call("ZADD", LEASE, until_, id)
+      out[#out + 1] = {id, redis.call("HGETALL", jk)}
+      left = left - 1
+    end
+  end
+end
+return out
+`;
+
+/** ARGV: prefix, now. Returns how many leases went back. */
+export const RELEASE_EXPIRED = `${COMMON}
+local now = ARGV[2]
+local ids = redis.call("ZRANGEBYSCORE", LEASE, "-inf", now)
+for _, id in ipairs(ids) do
+  redis.call("ZREM", LEASE, id)
+  local jk = jkey(id)
+  local kind = redis.call("HGET", jk, "kind")
+  if kind then
+    redis.call("HDEL", jk, "lease")
+    redis.call("ZADD", kind == "retry" and DUE or TASKS, now, id)
+  end
+end
+return #ids
+`;
+
+/** ARGV: prefix, id1, token1, id2, token2, ... Removes jobs still held under those leases. */
+export const COMPLETE = `${COMMON}
+local n = 0
+for i = 2, #ARGV, 2 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  if redis.call("HGET", jkey(id), "lease") == token then
+    redis.call("DEL", jkey(id))
+    redis.call("ZREM", LEASE, id)
+    n = n + 1
+  end
+end
+return n
+`;
+
+/**
+ * ARGV: prefix, id, token, fieldsJson. Stores fields the job does not have yet (first writer wins),
+ * so a retried task reuses what the first try chose. Returns the job's fields, or nil when the lease
+ * was lost.
+ */
+export const PREPARE_TASK = `${COMMON}
+local jk = jkey(ARGV[2])
+if redis.call("HGET", jk, "lease") ~= ARGV[3] then return false end
+for field, value in pairs(cjson.decode(ARGV[4])) do redis.call("HSETNX", jk, field, value) end
+return redis.call("HGETALL", jk)
+`;
+
+/**
+ * ARGV: prefix, id, token, queueId, dsnKind, ridsJson, now, dsnBatchDelayMs, tombstoneTtlMs
+ * Returns {"stale"} | {"ok", finalizedReceivedAt|""}
+ */
+export const COMPLETE_DSN = `${COMMON}
+local id, q, now = ARGV[2], ARGV[4], ARGV[7]
+local jk = jkey(id)
+if redis.call("HGET", jk, "lease") ~= ARGV[3] then return {"stale"} end
+redis.call("DEL", jk)
+redis.call("ZREM", LEASE, id)
+if ARGV[5] == "failure" then
+  for _, rid in ipairs(cjson.decode(ARGV[6])) do redis.call("SREM", bkey(q), rid) end
+  if redis.call("SCARD", bkey(q)) > 0 then ensure_failure_dsn(q, tonumber(now) + tonumber(ARGV[8])) end
+end
+local fin = finalize(q, now, ARGV[9])
+return {"ok", fin or ""}
+`;
+
+/** ARGV: prefix, id, action, now. Returns "marked" | "in-flight" | "not-found". */
+export const MARK = `${COMMON}
+local id = ARGV[2]
+local jk = jkey(id)
+if redis.call("HGET", jk, "kind") ~= "retry" then return "not-found" end
+if redis.call("ZSCORE", LEASE, id) then return "in-flight" end
+redis.call("HSET", jk, "mark", ARGV[3])
+redis.call("ZADD", DUE, ARGV[4], id)
+return "marked"
+`;
+
+/** ARGV: prefix, now. Makes every scheduled retry due now; returns how many moved. */
+export const FLUSH = `${COMMON}
+local ids = redis.call("ZRANGEBYSCORE", DUE, "(" .. ARGV[2], "+inf")
+for _, id in ipairs(ids) do redis.call("ZADD", DUE, "XX", ARGV[2], id) end
+return #ids
+`;

@@ -1,0 +1,156 @@
+import type { BodyRef, Reply } from "@mailpipe/contracts";
+
+export type RecipientState = "pending" | "delivered" | "bounced" | "expired";
+export type FinalState = Exclude<RecipientState, "pending">;
+
+/** One recipient of one message, as the router tracks it from routing to its final state. */
+export interface RecipientRecord {
+  /** stable id within the message: `l:<mailbox>`, `r:<address>` or `u:<address>` (never routed) */
+  rid: string;
+  /** position in the message (envelope order after expansion); lists come back in this order */
+  seq: number;
+  kind: "local" | "remote" | "none";
+  /** the address delivered to (Final-Recipient); for local copies the Delivered-To address */
+  address: string;
+  /** the address the sender used, when different (alias, ORCPT) */
+  original?: string;
+  /** destination domain (remote) */
+  domain?: string;
+  /** mailbox owner and Maildir++ folder (local) */
+  mailbox?: string;
+  folder?: string;
+  state: RecipientState;
+  /** the attempt in progress or next to make (1 on the first try); statuses of other attempts are stale */
+  attempt: number;
+  lastReply?: Reply;
+  remoteMta?: string;
+  /** ISO time of the last attempt */
+  lastAttemptAt?: string;
+  /** RFC 3461 NOTIFY: report failures / delays for this recipient */
+  notifyFailure: boolean;
+  notifyDelay: boolean;
+}
+
+/** What the router records about a message when it first routes it. */
+export interface MessageInput {
+  queueId: string;
+  mailFrom: string;
+  /** ISO time of acceptance */
+  receivedAt: string;
+  source: "mx" | "msa" | "dsn";
+  body: BodyRef;
+  messageId?: string;
+  /** W3C traceparent of the message's trace, so later attempts join it */
+  traceparent?: string;
+  smtputf8: boolean;
+  bodyType: "7BIT" | "8BITMIME";
+  /** set when the message is itself a DSN */
+  dsn?: { of: string; kind: "failure" | "delay" };
+  /** whether DSNs may be sent for this message (false for the null sender and for DSNs) */
+  notices: boolean;
+}
+
+export interface MessageRecord extends MessageInput {
+  delayNotified: boolean;
+  /** recipients not final yet */
+  open: number;
+  total: number;
+}
+
+export interface MessageState {
+  message: MessageRecord;
+  recipients: RecipientRecord[];
+}
+
+export type CreateResult =
+  /** the state was written now, or was there already (a redelivery): `recipients` is what Redis holds */
+  | { status: "created" | "exists"; recipients: RecipientRecord[] }
+  /** every recipient was final at once and nothing needs the body: the message is done */
+  | { status: "finalized" }
+  /** the message finished earlier (tombstone): nothing to do */
+  | { status: "finished" };
+
+/** Fields of a finished recipient besides its state. */
+export interface OutcomePatch {
+  lastReply: Reply;
+  remoteMta?: string;
+  lastAttemptAt: string;
+}
+
+export type FinishResult =
+  | { status: "missing" }
+  | { status: "stale"; recipient: RecipientRecord }
+  | {
+      status: "ok";
+      recipient: RecipientRecord;
+      /** the message became final with this: its receivedAt (ISO) */
+      finalized?: string;
+      /** a failure DSN will report this recipient */
+      dsnQueued: boolean;
+    };
+
+export type ScheduleResult =
+  | { status: "missing" }
+  | { status: "stale"; recipient: RecipientRecord }
+  | { status: "ok"; recipient: RecipientRecord; delayNoticeQueued: boolean };
+
+interface Leased {
+  /** job id: `<queueId>:<rid>` for retries, `<queueId>:dsn-failure|dsn-delay|gc` for tasks */
+  id: string;
+  /** the lease's token: complete() only removes the job while this lease holds it */
+  lease: string;
+  queueId: string;
+}
+
+export interface RetryJob extends Leased {
+  kind: "retry";
+  /** the recipient as it was when the retry was scheduled (attempt = the attempt to make) */
+  recipient: RecipientRecord;
+  receivedAt: string;
+  traceparent?: string;
+  /** set by an operator (mailctl): bounce with a DSN, or drop without one */
+  mark?: "bounce" | "drop";
+}
+
+export interface DsnJob extends Leased {
+  kind: "dsn";
+  dsnKind: "failure" | "delay";
+  /** fields stored by prepareTask() on an earlier try */
+  prepared: Record<string, string>;
+}
+
+export interface GcJob extends Leased {
+  kind: "gc";
+  body: BodyRef;
+}
+
+export type ClaimedJob = RetryJob | DsnJob | GcJob;
+
+/** One scheduled retry as mailctl lists it. */
+export interface ScheduledEntry {
+  /** job id, for deleteScheduled() */
+  id: string;
+  queueId: string;
+  recipient: string;
+  kind: "local" | "remote";
+  /** destination domain (remote) or mailbox (local) */
+  destination: string;
+  /** attempts made so far */
+  attempts: number;
+  /** ISO time */
+  nextAttemptAt: string;
+  lastReply?: Reply;
+  receivedAt: string;
+  mark?: "bounce" | "drop";
+}
+
+export interface QueueStats {
+  /** retries waiting in the schedule */
+  scheduled: number;
+  /** jobs claimed by a router and not completed yet */
+  inFlight: number;
+  /** ISO time the next retry is due, null when none */
+  oldestDueAt: string | null;
+  /** ISO acceptance time of the oldest message not yet final, null when none */
+  oldestReceivedAt: string | null;
+}

@@ -1,0 +1,30 @@
+export { type Accepted, type AcceptInput, acceptMessage } from "./accept.ts";
+export {
+  type HeaderField,
+  headerBlock,
+  type IncomingMessage,
+  type IntakeResult,
+  LineEndingNormalizer,
+  parseHeaderBlock,
+  readMessage,
+} from "./intake.ts";
+export { type EdgeMetrics, edgeMetrics } from "./metrics.ts";
+export { installSmtpServerPatches, leadingEnhancedCode } from "./patches.ts";
+export { buildReceived, type ReceivedOptions, receivedProtocol, rfc5322Date } from "./received.ts";
+export {
+  createSmtpEdge,
+  type EdgeClient,
+  type EdgeHooks,
+  type MessageDecision,
+  type SmtpEdge,
+  type SmtpEdgeOptions,
+  type Transaction,
+} from "./server.ts";
+export {
+  loadTlsFiles,
+  type TlsFiles,
+  TlsFilesError,
+  type TlsPair,
+  type TlsWatcher,
+  watchTlsFiles,
+} from "./tls-files.ts";

@@ -1,0 +1,38 @@
+import { parseServerList } from "@mailpipe/dns";
+import { baseConfig, duration, durationList } from "@mailpipe/service-kit";
+import { z } from "zod";
+
+/** router's environment (README.md lists every variable with its default). */
+export const config = baseConfig.extend({
+  DIRECTORY_FILE: z.string().min(1).default("/etc/mailpipe/directory.yaml"),
+  /** host[:port] list for MX/A/AAAA lookups; empty: the nameservers of /etc/resolv.conf */
+  DNS_SERVERS: z
+    .string()
+    .default("")
+    .transform((v, ctx) => {
+      try {
+        return parseServerList(v);
+      } catch (err) {
+        ctx.addIssue({ code: "custom", message: (err as Error).message });
+        return z.NEVER;
+      }
+    }),
+  /** wait after attempt 1, 2, …; after the last, its interval repeats */
+  RETRY_SCHEDULE: durationList("1m,5m,15m,30m,1h,2h,4h"),
+  /** ± this fraction of each interval, per recipient, so retries of a burst spread out */
+  RETRY_JITTER: z.coerce.number().min(0).max(0.5).default(0.1),
+  /** give up (bounce) this long after acceptance */
+  QUEUE_LIFETIME: duration("5d"),
+  /** send one delay notice once a message has waited this long; 0 disables */
+  DELAY_WARNING: duration("4h"),
+  ROUTER_CONCURRENCY: z.coerce.number().int().min(1).max(4096).default(64),
+  SCHEDULER_INTERVAL: duration("1s"),
+  SCHEDULER_BATCH: z.coerce.number().int().min(1).max(10_000).default(500),
+  /** how long a claimed job stays with this replica before another may take it */
+  SCHEDULER_LEASE: duration("60s"),
+  /** bounces of one message arriving within this time go into one DSN */
+  DSN_BATCH_DELAY: duration("2s"),
+  /** separates a local part from its +tag; empty turns plus-addressing off */
+  PLUS_SEPARATOR: z.string().max(4).default("+"),
+});
+export type Config = z.infer<typeof config>;

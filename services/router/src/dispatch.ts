@@ -1,0 +1,148 @@
+// Building and publishing delivery requests, for first attempts (route.ts) and retries (scheduler.ts).
+import { createHash } from "node:crypto";
+import {
+  type BodyRef,
+  destinationToken,
+  LocalDeliveryRequest,
+  type MxHost,
+  RemoteDeliveryRequest,
+  subjects,
+} from "@mailpipe/contracts";
+import { type MailHosts, resolveMailHosts } from "@mailpipe/dns";
+import type { RecipientRecord } from "@mailpipe/queue";
+import { attr, inSpan, SpanKind } from "@mailpipe/telemetry";
+import type { RouterContext } from "./deps.ts";
+
+/** A request carries at most this many recipients (the contract's limit for remote requests). */
+export const MAX_RECIPIENTS_PER_REQUEST = 1000;
+
+/** What a request needs from the message. */
+export interface DispatchMessage {
+  queueId: string;
+  receivedAt: string;
+  mailFrom: string;
+  body: BodyRef;
+  smtputf8: boolean;
+  bodyType: "7BIT" | "8BITMIME";
+}
+
+export function chunk<T>(items: readonly T[], size = MAX_RECIPIENTS_PER_REQUEST): T[][] {
+  const out: T[][] = [];
+  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
+  return out;
+}
+
+/**
+ * Deterministic dispatch id (and Nats-Msg-Id), so a redelivered message or a re-run job publishes
+ * the same id and JetStream stores it once: `<queueId>:<dest>:<attempt>` for a first attempt (with
+ * `.<n>` for the n-th chunk past the first). Retries also carry a digest of their recipients: two
+ * groups of the same message and attempt claimed in different rounds must not share an id.
+ */
+export function dispatchId(
+  queueId: string,
+  dest: string,
+  attempt: number,
+  opts: { chunk?: number; recipients?: readonly string[] } = {},
+): string {
+  let id = `${queueId}:${dest}:${attempt}`;
+  if (opts.chunk) id += `.${opts.chunk}`;
+  if (opts.recipients) {
+    const digest = createHash("sha256")
+      .update([...opts.recipients].sort().join("\n"))
+      .digest("hex");
+    id += `:${digest.slice(0, 12)}`;
+  }
+  return id;
+}
+
+/** MX lookup for one destination, in its own span. */
+export function lookupMailHosts(ctx: RouterContext, domain: string): Promise<MailHosts> {
+  return inSpan(
+    ctx.telemetry.tracer,
+    "dns.mx",
+    { kind: SpanKind.CLIENT, attributes: { [attr.recipientDomain]: domain } },
+    async (span) => {
+      const result = await resolveMailHosts(ctx.resolver, domain);
+      span.setAttribute(attr.outcome, result.kind);
+      if (result.kind === "hosts") span.setAttribute(attr.mx, result.hosts.map((h) => h.exchange).join(","));
+      return result;
+    },
+  );
+}
+
+export function toMxHosts(result: Extract<MailHosts, { kind: "hosts" }>): MxHost[] {
+  return result.hosts.map((h) => ({ exchange: h.exchange, priority: h.priority, addresses: h.addresses }));
+}
+
+/** Publishes local copies, one request per chunk; resolves once JetStream acked every one. */
+export async function publishLocal(
+  ctx: RouterContext,
+  msg: DispatchMessage,
+  recipients: readonly RecipientRecord[],
+  opts: { retry: boolean },
+): Promise<string[]> {
+  const ids: string[] = [];
+  for (const [i, part] of chunk(recipients).entries()) {
+    const attempt = Math.max(...part.map((r) => r.attempt));
+    const id = dispatchId(msg.queueId, "local", attempt, {
+      chunk: i,
+      ...(opts.retry ? { recipients: part.map((r) => r.rid) } : {}),
+    });
+    const request: LocalDeliveryRequest = {
+      v: 1,
+      queueId: msg.queueId,
+      dispatchId: id,
+      receivedAt: msg.receivedAt,
+      mailFrom: msg.mailFrom,
+      recipients: part.map((r) => ({
+        mailbox: r.mailbox ?? r.address,
+        address: r.address,
+        ...(r.folder ? { folder: r.folder } : {}),
+        attempt: r.attempt,
+      })),
+      body: msg.body,
+    };
+    await ctx.bus.publish(subjects.deliverLocal(), LocalDeliveryRequest, request, { msgId: id });
+    ids.push(id);
+  }
+  return ids;
+}
+
+/** Publishes remote requests for one destination, one per chunk of recipients. */
+export async function publishRemote(
+  ctx: RouterContext,
+  msg: DispatchMessage,
+  domain: string,
+  hosts: MxHost[],
+  recipients: readonly RecipientRecord[],
+  opts: { retry: boolean },
+): Promise<string[]> {
+  const ids: string[] = [];
+  const dest = destinationToken(domain);
+  for (const [i, part] of chunk(recipients).entries()) {
+    const attempt = Math.max(...part.map((r) => r.attempt));
+    const id = dispatchId(msg.queueId, dest, attempt, {
+      chunk: i,
+      ...(opts.retry ? { recipients: part.map((r) => r.rid) } : {}),
+    });
+    const request: RemoteDeliveryRequest = {
+      v: 1,
+      queueId: msg.queueId,
+      dispatchId: id,
+      receivedAt: msg.receivedAt,
+      mailFrom: msg.mailFrom,
+      destination: { domain, hosts },
+      recipients: part.map((r) => ({
+        address: r.address,
+        ...(r.original && r.original !== r.address ? { original: r.original } : {}),
+        attempt: r.attempt,
+      })),
+      smtputf8: msg.smtputf8,
+      bodyType: msg.bodyType,
+      body: msg.body,
+    };
+    await ctx.bus.publish(subjects.deliverRemote(domain), RemoteDeliveryRequest, request, { msgId: id });
+    ids.push(id);
+  }
+  return ids;
+}

@@ -1,0 +1,156 @@
+// Runs the scheduler's DSN tasks: collect the recipients to report, build the report (dsn.ts),
+// store it, and queue it as a new message from the null sender.
+import { newQueueId, QueuedMail, subjects } from "@mailpipe/contracts";
+import type { DsnJob, MessageRecord, RecipientRecord } from "@mailpipe/queue";
+import { attr, inSpan, SpanKind } from "@mailpipe/telemetry";
+import { context } from "@opentelemetry/api";
+import type { RouterContext } from "./deps.ts";
+import { buildDsn, type DsnRecipient, dsnStatus, readHeaderBlock } from "./dsn.ts";
+import { observeFinal } from "./outcomes.ts";
+import { expiresAt } from "./retry-policy.ts";
+import { contextFromTraceparent } from "./trace.ts";
+
+function toDsnRecipient(
+  r: RecipientRecord,
+  action: "failed" | "delayed",
+  willRetryUntil: Date | undefined,
+): DsnRecipient {
+  return {
+    finalRecipient: r.address,
+    ...(r.original && r.original !== r.address ? { originalRecipient: r.original } : {}),
+    action,
+    status: dsnStatus(action, r.lastReply),
+    // a local "remote MTA" would be us: RFC 3464 wants the host that answered, so only for remote
+    ...(r.kind === "remote" && r.remoteMta ? { remoteMta: r.remoteMta } : {}),
+    ...(r.lastReply ? { diagnostic: r.lastReply } : {}),
+    ...(r.lastAttemptAt ? { lastAttemptDate: new Date(r.lastAttemptAt) } : {}),
+    ...(willRetryUntil ? { willRetryUntil } : {}),
+  };
+}
+
+/** Which recipients a DSN of this kind reports, now. */
+async function choose(ctx: RouterContext, job: DsnJob, recipients: RecipientRecord[]): Promise<string[]> {
+  if (job.dsnKind === "failure") {
+    const waiting = new Set(await ctx.queue.pendingFailureReports(job.queueId));
+    return recipients.filter((r) => waiting.has(r.rid)).map((r) => r.rid);
+  }
+  // a delay notice covers the recipients still waiting that have been deferred at least once
+  return recipients
+    .filter((r) => r.state === "pending" && r.notifyDelay && r.lastReply && r.attempt > 1)
+    .map((r) => r.rid);
+}
+
+/**
+ * Builds and queues one DSN. The report's queue id and its recipients are stored on the task
+ * before anything is published, so a task retried after a crash republishes the same report under
+ * the same Nats-Msg-Id instead of a second one.
+ */
+export async function runDsnTask(ctx: RouterContext, job: DsnJob): Promise<void> {
+  const { log, tracer } = ctx.telemetry;
+  const state = await ctx.queue.getMessage(job.queueId);
+  if (!state) {
+    await ctx.queue.completeDsn(job, job.dsnKind, [], ctx.now());
+    return;
+  }
+  const { message } = state;
+  const chosen = job.prepared.dsnQueueId ? [] : await choose(ctx, job, state.recipients);
+  const prepared = await ctx.queue.prepareTask(job, {
+    dsnQueueId: newQueueId(),
+    rids: JSON.stringify(chosen),
+  });
+  if (!prepared) {
+    log.warn({ job: job.id }, "DSN task lease lost: another router has it");
+    return;
+  }
+  const dsnQueueId = prepared.dsnQueueId!;
+  const rids = JSON.parse(prepared.rids ?? "[]") as string[];
+  const byRid = new Map(state.recipients.map((r) => [r.rid, r]));
+  const reported = rids.map((rid) => byRid.get(rid)).filter((r): r is RecipientRecord => r !== undefined);
+
+  if (reported.length > 0 && message.notices && message.mailFrom !== "") {
+    await context.with(contextFromTraceparent(message.traceparent), () =>
+      inSpan(
+        tracer,
+        "dsn.build",
+        {
+          kind: SpanKind.PRODUCER,
+          attributes: {
+            [attr.queueId]: job.queueId,
+            [attr.outcome]: job.dsnKind,
+            [attr.recipientCount]: reported.length,
+          },
+        },
+        () => sendDsn(ctx, message, job.dsnKind, dsnQueueId, reported),
+      ),
+    );
+  }
+  const done = await ctx.queue.completeDsn(job, job.dsnKind, rids, ctx.now());
+  if (done.status === "ok" && done.finalized) observeFinal(ctx, job.queueId, done.finalized);
+}
+
+async function sendDsn(
+  ctx: RouterContext,
+  message: MessageRecord,
+  kind: "failure" | "delay",
+  dsnQueueId: string,
+  reported: RecipientRecord[],
+): Promise<void> {
+  const { log } = ctx.telemetry;
+  const action = kind === "failure" ? "failed" : "delayed";
+  const until = kind === "delay" ? new Date(expiresAt(ctx.policy, message.receivedAt)) : undefined;
+  let headers: Buffer | undefined;
+  try {
+    headers = await readHeaderBlock(ctx.bodies, message.body);
+  } catch (err) {
+    // the report still tells the sender what failed; only the returned headers are missing
+    log.warn({ err: (err as Error).message }, "could not read the original headers for the DSN");
+  }
+  const host = ctx.config.MAIL_HOSTNAME;
+  const now = new Date(ctx.now());
+  const built = buildDsn({
+    kind,
+    reportingMta: host,
+    to: message.mailFrom,
+    queueId: message.queueId,
+    arrivalDate: new Date(message.receivedAt),
+    recipients: reported.map((r) => toDsnRecipient(r, action, until)),
+    ...(headers ? { headers } : {}),
+    date: now,
+    messageId: `${dsnQueueId}@${host}`,
+  });
+  const body = await ctx.bodies.put(dsnQueueId, built.raw);
+  const mail: QueuedMail = {
+    v: 1,
+    queueId: dsnQueueId,
+    source: "dsn",
+    receivedAt: now.toISOString(),
+    envelope: {
+      mailFrom: "",
+      rcptTo: [{ address: message.mailFrom }],
+      smtputf8: built.utf8Address,
+      bodyType: built.eightBit ? "8BITMIME" : "7BIT",
+    },
+    body,
+    messageId: `<${dsnQueueId}@${host}>`,
+    dsn: { of: message.queueId, kind },
+  };
+  await ctx.bus.publish(subjects.queued(), QueuedMail, mail, { msgId: dsnQueueId });
+  ctx.metrics.dsn.inc({ kind });
+  const recipients = reported.map((r) => r.address);
+  ctx.bus.emit({
+    type: "dsn",
+    queueId: message.queueId,
+    recipient: message.mailFrom,
+    recipients,
+    detail: `${kind} DSN queued as ${dsnQueueId}`,
+  });
+  if (kind === "delay") {
+    ctx.bus.emit({
+      type: "delayed",
+      queueId: message.queueId,
+      recipients,
+      detail: `delay notice sent to the sender; retrying until ${until?.toISOString()}`,
+    });
+  }
+  log.info({ dsnQueueId, kind, to: message.mailFrom, recipients }, "DSN queued");
+}

@@ -1,0 +1,194 @@
+// mail.v1.queued → delivery requests: the first attempt of every recipient of a message.
+import { type QueuedMail, replies } from "@mailpipe/contracts";
+import type { MessageInput, RecipientRecord } from "@mailpipe/queue";
+import { attr, inSpan, SpanKind } from "@mailpipe/telemetry";
+import type { RouterContext } from "./deps.ts";
+import { type DispatchMessage, lookupMailHosts, publishLocal, publishRemote, toMxHosts } from "./dispatch.ts";
+import { expandRecipients } from "./expand.ts";
+import { mapLimit } from "./limit.ts";
+import { deferRecipient, finishRecipient, type OutcomeMessage, observeFinal } from "./outcomes.ts";
+import { currentTraceparent } from "./trace.ts";
+
+/** Destinations of one message resolved at once. */
+const DOMAIN_CONCURRENCY = 16;
+
+function groupBy<T>(items: readonly T[], key: (item: T) => string): Map<string, T[]> {
+  const out = new Map<string, T[]>();
+  for (const item of items) {
+    const k = key(item);
+    const list = out.get(k);
+    if (list) list.push(item);
+    else out.set(k, [item]);
+  }
+  return out;
+}
+
+/**
+ * Routes one queued message. The recipients' state is written to Redis before anything is
+ * published, and the handler returns (the bus acks) only after every publish was acked. A
+ * redelivered message finds its state in Redis: only recipients still waiting for their first
+ * attempt are published again, with the same dispatch ids, which JetStream stores once.
+ */
+export function createRouteHandler(ctx: RouterContext) {
+  const { log, tracer } = ctx.telemetry;
+
+  return async (mail: QueuedMail): Promise<void> => {
+    await inSpan(
+      tracer,
+      "route",
+      {
+        kind: SpanKind.INTERNAL,
+        attributes: {
+          [attr.queueId]: mail.queueId,
+          [attr.source]: mail.source,
+          [attr.recipientCount]: mail.envelope.rcptTo.length,
+          [attr.size]: mail.body.size,
+        },
+      },
+      async () => {
+        const now = ctx.now();
+        const notices = mail.envelope.mailFrom !== "" && mail.source !== "dsn";
+        const planned = expandRecipients(ctx.directory(), mail.envelope.rcptTo, {
+          plusSeparator: ctx.config.PLUS_SEPARATOR,
+          now,
+        });
+        const traceparent = currentTraceparent();
+        const input: MessageInput = {
+          queueId: mail.queueId,
+          mailFrom: mail.envelope.mailFrom,
+          receivedAt: mail.receivedAt,
+          source: mail.source,
+          body: mail.body,
+          ...(mail.messageId ? { messageId: mail.messageId } : {}),
+          ...(traceparent ? { traceparent } : {}),
+          smtputf8: mail.envelope.smtputf8,
+          bodyType: mail.envelope.bodyType,
+          ...(mail.dsn ? { dsn: mail.dsn } : {}),
+          notices,
+        };
+        const stored = await ctx.queue.createMessage(input, planned, now);
+        const msg: OutcomeMessage & DispatchMessage = {
+          queueId: mail.queueId,
+          receivedAt: mail.receivedAt,
+          mailFrom: mail.envelope.mailFrom,
+          source: mail.source,
+          notices,
+          body: mail.body,
+          smtputf8: mail.envelope.smtputf8,
+          bodyType: mail.envelope.bodyType,
+        };
+
+        if (stored.status === "finished") {
+          log.info("message already finished: nothing to route");
+          return;
+        }
+        const firstTime = stored.status !== "exists";
+        if (firstTime) reportRouteBounces(ctx, msg, planned);
+        if (stored.status === "finalized") {
+          observeFinal(ctx, mail.queueId, mail.receivedAt);
+          return;
+        }
+        if (!firstTime) log.info("message routed before (redelivery): resuming");
+
+        const waiting = stored.recipients.filter((r) => r.state === "pending" && r.attempt === 1);
+        const local = waiting.filter((r) => r.kind === "local");
+        const remote = groupBy(
+          waiting.filter((r) => r.kind === "remote" && r.domain),
+          (r) => r.domain!,
+        );
+
+        if (local.length > 0) {
+          const ids = await publishLocal(ctx, msg, local, { retry: false });
+          ctx.metrics.routed.inc({ kind: "local" }, local.length);
+          ctx.bus.emit({
+            type: "routed",
+            queueId: mail.queueId,
+            recipients: local.map((r) => r.address),
+            attempt: 1,
+            detail: `local delivery (${ids.join(", ")})`,
+          });
+        }
+        await mapLimit([...remote], DOMAIN_CONCURRENCY, ([domain, rcpts]) =>
+          routeDomain(ctx, msg, domain, rcpts),
+        );
+        log.info(
+          {
+            recipients: stored.recipients.length,
+            local: local.length,
+            remoteDomains: remote.size,
+          },
+          "message routed",
+        );
+      },
+    );
+  };
+}
+
+/** Events and counts for recipients that bounced before any attempt (unknown users, loops). */
+function reportRouteBounces(ctx: RouterContext, msg: OutcomeMessage, planned: RecipientRecord[]): void {
+  for (const r of planned) {
+    if (r.state !== "bounced" || !r.lastReply) continue;
+    ctx.metrics.routed.inc({ kind: "bounce" });
+    ctx.metrics.final.inc({ state: "bounced" });
+    ctx.bus.emit({
+      type: "bounced",
+      queueId: msg.queueId,
+      recipient: r.address,
+      reply: r.lastReply,
+      attempt: 1,
+    });
+    ctx.telemetry.log.info({ recipient: r.address, reply: r.lastReply }, "recipient bounced at routing");
+    if (!msg.notices) {
+      ctx.metrics.dsn.inc({ kind: "suppressed" });
+      ctx.bus.emit({
+        type: "dsn",
+        queueId: msg.queueId,
+        recipient: r.address,
+        reply: r.lastReply,
+        detail: "not sent: the message has a null envelope sender or is a DSN",
+      });
+    }
+  }
+}
+
+/** Resolves one destination and publishes its request(s), or bounces / defers its recipients. */
+async function routeDomain(
+  ctx: RouterContext,
+  msg: OutcomeMessage & DispatchMessage,
+  domain: string,
+  rcpts: RecipientRecord[],
+): Promise<void> {
+  const hosts = await lookupMailHosts(ctx, domain);
+  const at = new Date(ctx.now()).toISOString();
+  if (hosts.kind === "hosts") {
+    const ids = await publishRemote(ctx, msg, domain, toMxHosts(hosts), rcpts, { retry: false });
+    ctx.metrics.routed.inc({ kind: "remote" }, rcpts.length);
+    ctx.bus.emit({
+      type: "routed",
+      queueId: msg.queueId,
+      recipients: rcpts.map((r) => r.address),
+      destination: domain,
+      attempt: 1,
+      detail: `remote delivery via ${hosts.hosts.map((h) => h.exchange).join(", ")} (${ids.join(", ")})`,
+    });
+    return;
+  }
+  if (hosts.kind === "temp") {
+    ctx.telemetry.log.warn({ domain, err: hosts.error.message }, "MX lookup failed temporarily");
+    const patch = { lastReply: replies.dnsTempFail(domain), lastAttemptAt: at };
+    for (const r of rcpts) await deferRecipient(ctx, msg, r, patch);
+    return;
+  }
+  const reply = hosts.kind === "nullmx" ? replies.nullMx(domain) : replies.domainNotFound(domain);
+  for (const r of rcpts) {
+    const res = await finishRecipient(
+      ctx,
+      msg,
+      r,
+      "bounced",
+      { lastReply: reply, lastAttemptAt: at },
+      { dsn: true },
+    );
+    if (res.status === "ok") ctx.metrics.routed.inc({ kind: "bounce" });
+  }
+}

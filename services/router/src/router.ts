@@ -1,0 +1,65 @@
+import type { Bus } from "@mailpipe/bus";
+import { QueuedMail, RecipientStatus } from "@mailpipe/contracts";
+import type { Directory } from "@mailpipe/directory";
+import type { DnsResolver } from "@mailpipe/dns";
+import { MailQueue } from "@mailpipe/queue";
+import type { Telemetry } from "@mailpipe/telemetry";
+import type { Redis } from "ioredis";
+import type { Config } from "./config.ts";
+import type { RouterContext } from "./deps.ts";
+import { routerMetrics } from "./metrics.ts";
+import { createRouteHandler } from "./route.ts";
+import { type Scheduler, startScheduler } from "./scheduler.ts";
+import { createStatusHandler } from "./status.ts";
+
+export interface RouterOptions {
+  config: Config;
+  telemetry: Telemetry;
+  bus: Bus;
+  redis: Redis;
+  directory: () => Directory;
+  resolver: DnsResolver;
+  /** the clock (tests) */
+  now?: () => number;
+}
+
+export interface Router {
+  readonly queue: MailQueue;
+  readonly scheduler: Scheduler;
+  /** stops taking messages and running the schedule; waits for work in progress */
+  stop(): Promise<void>;
+}
+
+/** Binds the router's two consumers and starts its scheduler. */
+export async function startRouter(opts: RouterOptions): Promise<Router> {
+  const { config, telemetry, bus } = opts;
+  const queue = new MailQueue(opts.redis, { dsnBatchDelayMs: config.DSN_BATCH_DELAY });
+  const ctx: RouterContext = {
+    config,
+    telemetry,
+    bus,
+    bodies: await bus.bodies(),
+    queue,
+    directory: opts.directory,
+    resolver: opts.resolver,
+    metrics: routerMetrics(telemetry.metrics, queue, telemetry.log),
+    policy: {
+      schedule: config.RETRY_SCHEDULE,
+      jitter: config.RETRY_JITTER,
+      lifetimeMs: config.QUEUE_LIFETIME,
+      delayWarningMs: config.DELAY_WARNING,
+    },
+    now: opts.now ?? Date.now,
+  };
+  const consumeOpts = { maxInFlight: config.ROUTER_CONCURRENCY };
+  const queued = await bus.consume("router", QueuedMail, createRouteHandler(ctx), consumeOpts);
+  const statuses = await bus.consume("routerStatus", RecipientStatus, createStatusHandler(ctx), consumeOpts);
+  const scheduler = startScheduler(ctx);
+  return {
+    queue,
+    scheduler,
+    async stop() {
+      await Promise.all([queued.stop(), statuses.stop(), scheduler.stop()]);
+    },
+  };
+}

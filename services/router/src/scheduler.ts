@@ -1,0 +1,211 @@
+// The scheduler loop: every SCHEDULER_INTERVAL, take due jobs from Redis (atomically, so several
+// router replicas share them) and act on them: re-dispatch retries, expire, send DSNs, delete bodies.
+import { destinationToken, replies } from "@mailpipe/contracts";
+import type { ClaimedJob, MessageRecord, RetryJob } from "@mailpipe/queue";
+import { attr, contextWithQueueId, inSpan } from "@mailpipe/telemetry";
+import { context } from "@opentelemetry/api";
+import type { RouterContext } from "./deps.ts";
+import { lookupMailHosts, publishLocal, publishRemote, toMxHosts } from "./dispatch.ts";
+import { runDsnTask } from "./dsn-task.ts";
+import { mapLimit } from "./limit.ts";
+import { deferRecipient, finishRecipient } from "./outcomes.ts";
+import { routerReplies } from "./replies.ts";
+import { isExpired } from "./retry-policy.ts";
+import { contextFromTraceparent } from "./trace.ts";
+
+/** Groups (message × destination) handled at once within one round. */
+const GROUP_CONCURRENCY = 16;
+
+export interface Scheduler {
+  /** runs one round now (tests; the loop calls it on its own) */
+  tick(): Promise<void>;
+  /** stops the loop after the round in progress */
+  stop(): Promise<void>;
+}
+
+function inMessageContext<T>(queueId: string, traceparent: string | undefined, fn: () => Promise<T>) {
+  return context.with(contextWithQueueId(contextFromTraceparent(traceparent), queueId), fn);
+}
+
+export function startScheduler(ctx: RouterContext): Scheduler {
+  const { log } = ctx.telemetry;
+  const { SCHEDULER_INTERVAL, SCHEDULER_BATCH, SCHEDULER_LEASE } = ctx.config;
+  let stopped = false;
+  let timer: NodeJS.Timeout | undefined;
+  let running: Promise<void> | undefined;
+  let failing = false;
+
+  const round = async (): Promise<void> => {
+    const now = ctx.now();
+    const released = await ctx.queue.releaseExpiredLeases(now);
+    if (released > 0) log.warn({ released }, "jobs whose lease expired are due again");
+    const jobs = await ctx.queue.claim(now, SCHEDULER_BATCH, SCHEDULER_LEASE);
+    if (jobs.length === 0) return;
+    const tasks = jobs.filter((j) => j.kind !== "retry");
+    const retries = jobs.filter((j): j is RetryJob => j.kind === "retry");
+    await mapLimit(tasks, GROUP_CONCURRENCY, (job) => runTask(ctx, job));
+    await runRetries(ctx, retries);
+  };
+
+  const tick = async (): Promise<void> => {
+    if (running) return running;
+    running = (async () => {
+      try {
+        await round();
+        if (failing) log.info("scheduler recovered");
+        failing = false;
+      } catch (err) {
+        // Redis or NATS away: claimed jobs come back when their lease runs out
+        if (!failing) log.error({ err: (err as Error).message }, "scheduler round failed; will retry");
+        failing = true;
+      } finally {
+        running = undefined;
+      }
+    })();
+    return running;
+  };
+
+  const loop = () => {
+    if (stopped) return;
+    timer = setTimeout(async () => {
+      await tick();
+      loop();
+    }, SCHEDULER_INTERVAL);
+  };
+  loop();
+
+  return {
+    tick,
+    async stop() {
+      stopped = true;
+      if (timer) clearTimeout(timer);
+      await running;
+    },
+  };
+}
+
+async function runTask(ctx: RouterContext, job: ClaimedJob): Promise<void> {
+  try {
+    if (job.kind === "gc") {
+      await ctx.bodies.delete(job.body.key);
+      await ctx.queue.complete([job]);
+      ctx.telemetry.log.debug({ queueId: job.queueId }, "body deleted");
+    } else if (job.kind === "dsn") {
+      await inMessageContext(job.queueId, undefined, () => runDsnTask(ctx, job));
+    }
+  } catch (err) {
+    ctx.telemetry.log.error(
+      { err: (err as Error).message, job: job.id },
+      "task failed; it runs again when its lease expires",
+    );
+  }
+}
+
+/** Retries of one round: grouped per message, then per destination, each group in its message's trace. */
+async function runRetries(ctx: RouterContext, jobs: RetryJob[]): Promise<void> {
+  const byMessage = new Map<string, RetryJob[]>();
+  for (const j of jobs) byMessage.set(j.queueId, [...(byMessage.get(j.queueId) ?? []), j]);
+  const groups: { msg: MessageRecord; dest: string; jobs: RetryJob[] }[] = [];
+  for (const [queueId, list] of byMessage) {
+    const msg = await ctx.queue.getMessageRecord(queueId);
+    if (!msg) {
+      // the message finished (or its state is gone): nothing left to retry
+      await ctx.queue.complete(list);
+      continue;
+    }
+    const rest: RetryJob[] = [];
+    for (const job of list) {
+      if (job.mark || isExpired(ctx.policy, msg.receivedAt, ctx.now())) {
+        await inMessageContext(queueId, msg.traceparent, () => endJob(ctx, msg, job));
+      } else rest.push(job);
+    }
+    const byDest = new Map<string, RetryJob[]>();
+    for (const job of rest) {
+      const r = job.recipient;
+      const dest = r.kind === "local" ? "local" : (r.domain ?? "");
+      byDest.set(dest, [...(byDest.get(dest) ?? []), job]);
+    }
+    for (const [dest, g] of byDest) groups.push({ msg, dest, jobs: g });
+  }
+  await mapLimit(groups, GROUP_CONCURRENCY, (g) =>
+    inMessageContext(g.msg.queueId, g.msg.traceparent, () =>
+      redispatch(ctx, g.msg, g.dest, g.jobs).catch((err) => {
+        ctx.telemetry.log.error(
+          { err: (err as Error).message, destination: g.dest },
+          "re-dispatch failed; the jobs run again when their lease expires",
+        );
+      }),
+    ),
+  );
+}
+
+/** Operator marks and expiry: the recipient ends here instead of being tried again. */
+async function endJob(ctx: RouterContext, msg: MessageRecord, job: RetryJob): Promise<void> {
+  const r = job.recipient;
+  const at = new Date(ctx.now()).toISOString();
+  if (job.mark) {
+    const patch = { lastReply: routerReplies.deletedByOperator(), lastAttemptAt: at };
+    await finishRecipient(ctx, msg, r, "bounced", patch, { dsn: job.mark === "bounce" });
+    ctx.telemetry.log.info({ recipient: r.address, action: job.mark }, "recipient removed by the operator");
+  } else {
+    const patch = {
+      lastReply: r.lastReply ?? replies.expired(),
+      lastAttemptAt: r.lastAttemptAt ?? at,
+      ...(r.remoteMta ? { remoteMta: r.remoteMta } : {}),
+    };
+    await finishRecipient(ctx, msg, r, "expired", patch, { dsn: true });
+  }
+  await ctx.queue.complete([job]);
+}
+
+/** Publishes one destination's retries, or re-schedules / bounces them when DNS says so. */
+async function redispatch(ctx: RouterContext, msg: MessageRecord, dest: string, jobs: RetryJob[]) {
+  const recipients = jobs.map((j) => j.recipient);
+  const attempt = Math.max(...recipients.map((r) => r.attempt));
+  await inSpan(
+    ctx.telemetry.tracer,
+    "retry",
+    {
+      attributes: {
+        [attr.queueId]: msg.queueId,
+        [attr.destination]: dest === "local" ? "local" : destinationToken(dest),
+        [attr.attempt]: attempt,
+        [attr.recipientCount]: recipients.length,
+      },
+    },
+    async () => {
+      if (dest === "local") {
+        await publishLocal(ctx, msg, recipients, { retry: true });
+        await ctx.queue.complete(jobs);
+        ctx.metrics.dispatched.inc({ kind: "local" }, jobs.length);
+        return;
+      }
+      const hosts = await lookupMailHosts(ctx, dest);
+      const at = new Date(ctx.now()).toISOString();
+      if (hosts.kind === "hosts") {
+        await publishRemote(ctx, msg, dest, toMxHosts(hosts), recipients, { retry: true });
+        await ctx.queue.complete(jobs);
+        ctx.metrics.dispatched.inc({ kind: "remote" }, jobs.length);
+        return;
+      }
+      if (hosts.kind === "temp") {
+        const patch = { lastReply: replies.dnsTempFail(dest), lastAttemptAt: at };
+        for (const r of recipients) await deferRecipient(ctx, msg, r, patch);
+      } else {
+        const reply = hosts.kind === "nullmx" ? replies.nullMx(dest) : replies.domainNotFound(dest);
+        for (const r of recipients) {
+          await finishRecipient(
+            ctx,
+            msg,
+            r,
+            "bounced",
+            { lastReply: reply, lastAttemptAt: at },
+            { dsn: true },
+          );
+        }
+      }
+      // the new schedule or final state replaced these jobs; this only clears any left behind
+      await ctx.queue.complete(jobs);
+    },
+  );
+}

@@ -1,0 +1,46 @@
+// mail.v1.status.* → recipient state: the workers report, the router decides what happens next.
+import type { RecipientStatus } from "@mailpipe/contracts";
+import type { OutcomePatch } from "@mailpipe/queue";
+import type { RouterContext } from "./deps.ts";
+import { deferRecipient, finishRecipient } from "./outcomes.ts";
+
+/**
+ * Applies one worker status. A status for another attempt than the one the recipient is on (an
+ * older attempt, or a duplicate after the recipient moved on) and statuses for finished messages
+ * are acknowledged and ignored. The Redis write happens before the handler returns (and the bus acks).
+ */
+export function createStatusHandler(ctx: RouterContext) {
+  const { log } = ctx.telemetry;
+  return async (s: RecipientStatus): Promise<void> => {
+    const kind = s.service === "mda" ? "local" : "remote";
+    const r = await ctx.queue.findRecipient(s.queueId, s.recipient, kind);
+    if (!r) {
+      log.info(
+        { recipient: s.recipient, outcome: s.outcome },
+        "status for an unknown or finished message: ignored",
+      );
+      return;
+    }
+    if (r.state !== "pending" || r.attempt !== s.attempt) {
+      log.debug(
+        { recipient: s.recipient, attempt: s.attempt, current: r.attempt, state: r.state },
+        "stale or duplicate status: ignored",
+      );
+      return;
+    }
+    const msg = await ctx.queue.getMessageRecord(s.queueId);
+    if (!msg) return;
+    const patch: OutcomePatch = {
+      lastReply: s.reply,
+      lastAttemptAt: s.at,
+      ...(s.remoteMta ? { remoteMta: s.remoteMta } : {}),
+    };
+    if (s.outcome === "delivered") {
+      await finishRecipient(ctx, msg, r, "delivered", patch, { dsn: false });
+    } else if (s.outcome === "bounced") {
+      await finishRecipient(ctx, msg, r, "bounced", patch, { dsn: true });
+    } else {
+      await deferRecipient(ctx, msg, r, patch);
+    }
+  };
+}
