@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { Readable, Transform } from "node:stream";
+import { PassThrough, pipeline, Readable, Transform } from "node:stream";
 import type { BodyRef } from "@mailpipe/contracts";
 import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
 import { StorageType } from "@nats-io/jetstream";
@@ -8,6 +8,20 @@ import { nanos } from "@nats-io/transport-node";
 import { BodyIntegrityError, BodyNotFoundError } from "./errors.ts";
 
 export type BodySource = Uint8Array | Iterable<Uint8Array> | AsyncIterable<Uint8Array>;
+
+/** Bodies up to this size are read with JetStream direct gets and held in memory once. */
+export const DIRECT_READ_MAX = 1024 * 1024;
+
+/** An object's metadata as the Object Store writes it (ADR-20); only what we read. */
+interface ObjectMeta {
+  nuid?: string;
+  size?: number;
+  chunks?: number;
+  deleted?: boolean;
+  options?: { link?: unknown };
+}
+
+class NotPlainObject extends Error {}
 
 /**
  * Message bodies in a JetStream Object Store bucket. Written once before the SMTP 250, read by
@@ -56,8 +70,17 @@ export class BodyStore {
   /**
    * The body as a Node stream. The stream errors with BodyIntegrityError at its end when the bytes
    * do not match the reference, so a consumer must not commit what it wrote before the end.
+   * Destroying the returned stream stops the read underneath.
    */
   async read(ref: BodyRef): Promise<Readable> {
+    if (ref.size <= DIRECT_READ_MAX) {
+      const body = await this.readBuffer(ref);
+      return Readable.from([body], { objectMode: false });
+    }
+    return this.#readStream(ref);
+  }
+
+  async #readStream(ref: BodyRef): Promise<Readable> {
     const result = await this.#os.get(ref.key);
     if (!result) throw new BodyNotFoundError(`body ${ref.bucket}/${ref.key} not found (expired or deleted?)`);
     if (result.info.size !== ref.size) {
@@ -86,15 +109,73 @@ export class BodyStore {
       },
     });
     const source = Readable.fromWeb(result.data as import("node:stream/web").ReadableStream<Uint8Array>);
-    source.on("error", (err) => check.destroy(err));
-    return source.pipe(check);
+    const out = new PassThrough();
+    // pipeline tears the whole chain down when `out` is destroyed, cancelling the store read
+    pipeline(source, check, out, () => {});
+    return out;
   }
 
   /** The whole body in memory, verified. For small bodies and for code that must parse it. */
   async readBuffer(ref: BodyRef): Promise<Buffer> {
+    if (ref.size <= DIRECT_READ_MAX) {
+      try {
+        return await this.#readDirect(ref);
+      } catch (err) {
+        if (!(err instanceof NotPlainObject)) throw err;
+      }
+    }
     const chunks: Buffer[] = [];
-    for await (const chunk of await this.read(ref)) chunks.push(chunk as Buffer);
+    for await (const chunk of await this.#readStream(ref)) chunks.push(chunk as Buffer);
     return Buffer.concat(chunks);
+  }
+
+  /**
+   * Reads with JetStream direct gets (the meta message, then each chunk by subject) instead of the
+   * Object Store's get(), which creates and deletes a consumer on the server per read: at a few
+   * hundred reads a second those consumers, not the disk, become the ceiling. The subjects are the
+   * Object Store's documented layout (ADR-20); anything unexpected falls back to get().
+   */
+  async #readDirect(ref: BodyRef): Promise<Buffer> {
+    const stream = `OBJ_${ref.bucket}`;
+    // the Object Store's padded base64url of the name
+    const name = Buffer.from(ref.key, "utf8").toString("base64").replaceAll("+", "-").replaceAll("/", "_");
+    let metaMsg: Awaited<ReturnType<JetStreamManager["direct"]["getMessage"]>>;
+    try {
+      metaMsg = await this.#jsm.direct.getMessage(stream, { last_by_subj: `$O.${ref.bucket}.M.${name}` });
+    } catch (err) {
+      throw new NotPlainObject((err as Error).message);
+    }
+    if (!metaMsg)
+      throw new BodyNotFoundError(`body ${ref.bucket}/${ref.key} not found (expired or deleted?)`);
+    const meta = metaMsg.json<ObjectMeta>();
+    if (meta.deleted) throw new BodyNotFoundError(`body ${ref.bucket}/${ref.key} was deleted`);
+    if (meta.options?.link || typeof meta.nuid !== "string" || typeof meta.chunks !== "number") {
+      throw new NotPlainObject("not a plain object");
+    }
+    if (meta.size !== ref.size) {
+      throw new BodyIntegrityError(
+        `body ${ref.key} has ${meta.size} bytes stored, the reference says ${ref.size}`,
+      );
+    }
+    const subject = `$O.${ref.bucket}.C.${meta.nuid}`;
+    const hash = createHash("sha256");
+    const chunks: Uint8Array[] = [];
+    let seq = 0;
+    for (let i = 0; i < meta.chunks; i++) {
+      const m = await this.#jsm.direct.getMessage(stream, { seq: seq + 1, next_by_subj: subject });
+      if (!m) break;
+      seq = m.seq;
+      hash.update(m.data);
+      chunks.push(m.data);
+    }
+    const body = Buffer.concat(chunks);
+    const got = hash.digest("hex");
+    if (body.length !== ref.size || got !== ref.sha256) {
+      throw new BodyIntegrityError(
+        `body ${ref.key} is corrupt: sha256 ${got} (${body.length} bytes), expected ${ref.sha256}`,
+      );
+    }
+    return body;
   }
 
   async exists(key: string): Promise<boolean> {

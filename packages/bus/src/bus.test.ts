@@ -10,7 +10,7 @@ import {
 import { createTelemetry, InMemorySpanExporter, type Telemetry } from "@mailpipe/telemetry";
 import { type NatsHandle, startNats, waitFor } from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { BodyIntegrityError, Bus, BusConnectError, outcome } from "./index.ts";
+import { BodyIntegrityError, BodyNotFoundError, Bus, BusConnectError, outcome } from "./index.ts";
 
 let nats: NatsHandle;
 const open: Bus[] = [];
@@ -276,5 +276,34 @@ describe("body store", () => {
     const forged = { ...ref, sha256: createHash("sha256").update("something else").digest("hex") };
     await expect(bodies.readBuffer(forged)).rejects.toBeInstanceOf(BodyIntegrityError);
     await expect(bodies.readBuffer({ ...ref, size: ref.size + 1 })).rejects.toThrow(/bytes stored/);
+  });
+
+  it.each([
+    ["empty", 0],
+    ["one chunk", 2048],
+    ["exactly one chunk", 128 * 1024],
+    ["several chunks", 1024 * 1024],
+  ])("reads a small body (%s) byte-exact, as a buffer and as a stream", async (_what, size) => {
+    const bus = await connect("router");
+    open.push(bus);
+    const bodies = await bus.bodies();
+    const body = randomBytes(size);
+    const ref = await bodies.put(newQueueId(), body);
+    expect((await bodies.readBuffer(ref)).equals(body)).toBe(true);
+    const chunks: Buffer[] = [];
+    for await (const c of await bodies.read(ref)) chunks.push(c as Buffer);
+    expect(Buffer.concat(chunks).equals(body)).toBe(true);
+  });
+
+  it("says so when a body is missing or deleted", async () => {
+    const bus = await connect("router");
+    open.push(bus);
+    const bodies = await bus.bodies();
+    const missing = { bucket: "mail-bodies", key: newQueueId(), size: 1, sha256: "0".repeat(64) };
+    await expect(bodies.readBuffer(missing)).rejects.toBeInstanceOf(BodyNotFoundError);
+    const ref = await bodies.put(newQueueId(), Buffer.from("gone soon"));
+    await bodies.delete(ref.key);
+    await expect(bodies.readBuffer(ref)).rejects.toBeInstanceOf(BodyNotFoundError);
+    await expect(bodies.read(ref)).rejects.toBeInstanceOf(BodyNotFoundError);
   });
 });

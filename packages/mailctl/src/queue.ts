@@ -1,6 +1,97 @@
-import { type Io, UsageError } from "./io.ts";
+import { formatReply } from "@mailpipe/contracts";
+import { MailQueue } from "@mailpipe/queue";
+import { Redis } from "ioredis";
+import { CommandError, type Io, out, UsageError } from "./io.ts";
 
-/** `mailctl queue …`: filled in once packages/queue lands. */
-export async function queueCommand(_args: string[], _flags: Record<string, unknown>, _io: Io): Promise<void> {
-  throw new UsageError("queue commands are not available yet");
+async function withQueue<T>(io: Io, fn: (q: MailQueue) => Promise<T>): Promise<T> {
+  const url = io.env.REDIS_URL ?? "redis://127.0.0.1:6379";
+  const redis = new Redis(url, {
+    lazyConnect: true,
+    maxRetriesPerRequest: 1,
+    connectTimeout: 5000,
+    retryStrategy: () => null,
+  });
+  redis.on("error", () => {});
+  try {
+    await redis.connect();
+  } catch (err) {
+    throw new CommandError(
+      `cannot reach Redis at ${url.replace(/\/\/[^@]*@/, "//")} (${(err as Error).message}): set REDIS_URL`,
+    );
+  }
+  try {
+    return await fn(new MailQueue(redis, io.env.QUEUE_PREFIX ? { prefix: io.env.QUEUE_PREFIX } : {}));
+  } finally {
+    redis.disconnect();
+  }
+}
+
+function ago(iso: string, now = Date.now()): string {
+  const s = Math.round((Date.parse(iso) - now) / 1000);
+  const abs = Math.abs(s);
+  const text = abs < 120 ? `${abs}s` : abs < 7200 ? `${Math.round(abs / 60)}m` : `${Math.round(abs / 3600)}h`;
+  return s >= 0 ? `in ${text}` : `${text} ago`;
+}
+
+/** `mailctl queue [list|flush|delete <id>]` over the router's schedule in Redis. */
+export async function queueCommand(
+  args: string[],
+  flags: {
+    json?: boolean | undefined;
+    bounce?: boolean | undefined;
+    drop?: boolean | undefined;
+    limit?: string | undefined;
+  },
+  io: Io,
+): Promise<void> {
+  const [action = "list", id] = args;
+  if (action === "list") {
+    await withQueue(io, async (q) => {
+      const [entries, stats] = await Promise.all([
+        q.listScheduled({ limit: Number(flags.limit ?? 100) }),
+        q.stats(),
+      ]);
+      if (flags.json) {
+        out(io, JSON.stringify({ stats, scheduled: entries }, null, 2));
+        return;
+      }
+      if (entries.length === 0) {
+        out(io, `no scheduled retries (${stats.inFlight} being dispatched)`);
+        return;
+      }
+      out(
+        io,
+        `${stats.scheduled} scheduled, ${stats.inFlight} being dispatched${stats.oldestReceivedAt ? `, oldest message received ${ago(stats.oldestReceivedAt)}` : ""}`,
+      );
+      for (const e of entries) {
+        out(io, `${e.id}`);
+        out(
+          io,
+          `    ${e.recipient} → ${e.destination}  attempts ${e.attempts}  next ${e.nextAttemptAt} (${ago(e.nextAttemptAt)})${e.mark ? `  marked: ${e.mark}` : ""}`,
+        );
+        if (e.lastReply) out(io, `    last reply: ${formatReply(e.lastReply)}`);
+      }
+    });
+    return;
+  }
+  if (action === "flush") {
+    const n = await withQueue(io, (q) => q.flushScheduled());
+    out(io, `${n} scheduled ${n === 1 ? "retry is" : "retries are"} due now`);
+    return;
+  }
+  if (action === "delete") {
+    if (!id) throw new UsageError("usage: mailctl queue delete <id> [--bounce|--drop]");
+    if (flags.bounce && flags.drop) throw new UsageError("choose one of --bounce and --drop");
+    const mode = flags.drop ? "drop" : "bounce";
+    const r = await withQueue(io, (q) => q.deleteScheduled(id, { action: mode }));
+    if (r === "not-found") throw new CommandError(`no scheduled retry ${id} (see "mailctl queue")`);
+    if (r === "in-flight")
+      throw new CommandError(`${id} is being dispatched right now; try again in a few seconds`);
+    out(
+      io,
+      mode === "bounce" ? `${id} will be bounced to its sender now` : `${id} is dropped (no bounce is sent)`,
+    );
+    return;
+  }
+  throw new UsageError(`unknown queue action "${action}"`);
 }

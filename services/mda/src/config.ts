@@ -1,0 +1,15 @@
+import { baseConfig, bool, duration } from "@mailpipe/service-kit";
+import { z } from "zod";
+
+/** mda's environment (README.md lists every variable with its default). */
+export const config = baseConfig.extend({
+  /** mailboxes live in <MAILDIR_ROOT>/<domain>/<local part>/Maildir */
+  MAILDIR_ROOT: z.string().min(1).default("/var/lib/mailpipe/mail"),
+  DIRECTORY_FILE: z.string().min(1).default("/etc/mailpipe/directory.yaml"),
+  /** requests handled at once by this process */
+  MDA_CONCURRENCY: z.coerce.number().int().min(1).max(1024).default(32),
+  /** fsync files and directories before reporting delivered; turn off only for benchmarks */
+  MDA_FSYNC: bool(true),
+  MDA_ACK_WAIT: duration("60s"),
+});
+export type Config = z.infer<typeof config>;

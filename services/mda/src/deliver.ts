@@ -1,0 +1,291 @@
+import { relative } from "node:path";
+import {
+  BodyIntegrityError,
+  BodyNotFoundError,
+  type BodyStore,
+  type Bus,
+  type Outcome,
+  outcome,
+} from "@mailpipe/bus";
+import {
+  type LocalDeliveryRequest,
+  parseAddress,
+  RecipientStatus,
+  type Reply,
+  replies,
+  reply,
+  subjects,
+} from "@mailpipe/contracts";
+import type { Directory } from "@mailpipe/directory";
+import { attr, inSpan, type Telemetry } from "@mailpipe/telemetry";
+import type { Redis } from "ioredis";
+import {
+  DirSyncer,
+  deliveryHeader,
+  type Folder,
+  MaildirStore,
+  messageName,
+  TmpInUseError,
+} from "./maildir.ts";
+import { QuotaTracker } from "./quota.ts";
+
+/** Bodies up to this size are read once per request and written from memory; larger ones stream. */
+export const MAX_BUFFERED_BODY = 1024 * 1024;
+
+/** How long the "already delivered" marker outlives a delivery (longer than any redelivery). */
+const MARKER_TTL_SECONDS = 7 * 24 * 3600;
+
+/** ENOSPC / EDQUOT: the disk, not the mailbox, is full (RFC 3463 X.3.1). */
+export const insufficientStorage = (): Reply => reply(452, "4.3.1", "Insufficient system storage");
+
+/** The temporary reply for a failed copy; paths and stack traces stay in the log. */
+export function replyForError(err: unknown): Reply {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  return code === "ENOSPC" || code === "EDQUOT" ? insufficientStorage() : replies.localError();
+}
+
+/** `mda:done:<queueId>:<address>`: set once a copy is in new/, checked before writing one. */
+export function doneKey(queueId: string, address: string): string {
+  return `mda:done:${queueId}:${address.toLowerCase()}`;
+}
+
+type Recipient = LocalDeliveryRequest["recipients"][number];
+
+type CopyResult =
+  | { outcome: "delivered" | "deferred"; reply: Reply }
+  /** another worker holds this copy's tmp file: try the request again later, report nothing now */
+  | { outcome: "busy" };
+
+export interface DelivererDeps {
+  maildirRoot: string;
+  /** MAIL_HOSTNAME: in message names and as the status's remoteMta */
+  hostname: string;
+  fsync: boolean;
+  /** the consumer's ack wait: a tmp file older than half of it was left by a dead writer */
+  ackWaitMs: number;
+  bus: Pick<Bus, "publish" | "emit">;
+  bodies: Pick<BodyStore, "read" | "readBuffer">;
+  redis: Pick<Redis, "exists" | "set">;
+  /** the directory in use (it reloads, so ask per delivery) */
+  directory: () => Pick<Directory, "quota">;
+  telemetry: Telemetry;
+  /** how long a mailbox's counted usage is trusted (default 5 s) */
+  quotaCacheMs?: number;
+}
+
+export interface Deliverer {
+  /** the bus handler: one copy per recipient, one status each, then ack */
+  handle(request: LocalDeliveryRequest): Promise<Outcome | void>;
+  readonly store: MaildirStore;
+}
+
+export function createDeliverer(deps: DelivererDeps): Deliverer {
+  const { bus, bodies, redis, telemetry, hostname } = deps;
+  const { log, tracer, metrics } = telemetry;
+  const staleTmpMs = Math.max(1000, Math.floor(deps.ackWaitMs / 2));
+  const store = new MaildirStore({
+    root: deps.maildirRoot,
+    fsync: deps.fsync,
+    staleTmpMs,
+    syncer: new DirSyncer(),
+  });
+  const quotas = new QuotaTracker({ cacheMs: deps.quotaCacheMs ?? 5000 });
+  const remoteMta = hostname.slice(0, 300);
+
+  const deliveries = metrics.counter("mda_deliveries_total", "Copies reported, by outcome", ["outcome"]);
+  const duplicates = metrics.counter(
+    "mda_duplicates_total",
+    "Redelivered copies found already delivered (reported delivered again, not written)",
+  );
+  const writeSeconds = metrics.histogram(
+    "mda_write_seconds",
+    "Time to make one copy durable in Maildir (write, fsync, rename, directory fsync)",
+    [],
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+  );
+  const bytesWritten = metrics.counter("mda_bytes_written_total", "Bytes written into Maildirs");
+
+  // a Redis outage would otherwise log once per copy
+  let redisWarnedAt = 0;
+  const redisWarn = (err: unknown, msg: string) => {
+    if (Date.now() - redisWarnedAt < 10_000) return;
+    redisWarnedAt = Date.now();
+    log.warn({ err: (err as Error).message }, msg);
+  };
+
+  async function isDone(key: string): Promise<boolean> {
+    try {
+      return (await redis.exists(key)) > 0;
+    } catch (err) {
+      // the file check below still catches copies that are in new/
+      redisWarn(err, "Redis unavailable for the duplicate check; relying on the Maildir");
+      return false;
+    }
+  }
+
+  async function markDone(key: string, path: string): Promise<void> {
+    try {
+      await redis.set(key, path, "EX", MARKER_TTL_SECONDS);
+    } catch (err) {
+      // the copy is durable already; without the marker only a redelivery after Dovecot moved it to cur/ duplicates
+      redisWarn(err, "could not record deliveries in Redis");
+    }
+  }
+
+  function logFailure(err: unknown, recipient: string): void {
+    if (err instanceof BodyNotFoundError || err instanceof BodyIntegrityError) {
+      log.error(
+        { recipient, err: { name: err.name, message: err.message } },
+        "message body unusable; deferring",
+      );
+      return;
+    }
+    const e = err as NodeJS.ErrnoException;
+    if (typeof e?.code === "string") {
+      log.error(
+        {
+          recipient,
+          err: {
+            code: e.code,
+            errno: e.errno,
+            syscall: e.syscall,
+            path: e.path,
+            dest: (e as { dest?: string }).dest,
+          },
+        },
+        "Maildir write failed; deferring",
+      );
+      return;
+    }
+    log.error({ recipient, err: { name: e?.name, message: e?.message } }, "delivery failed; deferring");
+  }
+
+  async function copy(
+    request: LocalDeliveryRequest,
+    rcpt: Recipient,
+    smallBody: () => Promise<Buffer>,
+  ): Promise<CopyResult> {
+    const header = deliveryHeader(request.mailFrom, rcpt.address);
+    const size = header.length + request.body.size;
+    const name = messageName(request.queueId, rcpt.address, hostname, size);
+    const key = doneKey(request.queueId, rcpt.address);
+    let folder: Folder | undefined;
+    let quota: number | undefined;
+    let reserved = false;
+    try {
+      if (await isDone(key)) {
+        duplicates.inc();
+        log.info({ recipient: rcpt.address }, "already delivered; reporting it again");
+        return { outcome: "delivered", reply: replies.delivered("Delivered to maildir") };
+      }
+      folder = await store.folder(rcpt.mailbox, rcpt.folder);
+      const path = relative(deps.maildirRoot, `${folder.dir}/new/${name}`);
+      if (await store.delivered(folder.dir, name)) {
+        duplicates.inc();
+        await markDone(key, path);
+        log.info({ recipient: rcpt.address, path }, "already delivered; reporting it again");
+        return { outcome: "delivered", reply: replies.delivered("Delivered to maildir") };
+      }
+      quota = deps.directory().quota(rcpt.mailbox);
+      if (!(await quotas.reserve(folder.maildir, quota, size))) {
+        log.warn({ recipient: rcpt.address, quota, size }, "mailbox over quota; deferring");
+        return { outcome: "deferred", reply: replies.mailboxFull(rcpt.address) };
+      }
+      reserved = true;
+      const body =
+        request.body.size <= MAX_BUFFERED_BODY ? await smallBody() : () => bodies.read(request.body);
+      const started = performance.now();
+      await store.write(folder.dir, name, { header, body });
+      writeSeconds.observe((performance.now() - started) / 1000);
+      bytesWritten.inc(size);
+      await markDone(key, path);
+      log.info({ recipient: rcpt.address, path, size }, "delivered");
+      return { outcome: "delivered", reply: replies.delivered("Delivered to maildir") };
+    } catch (err) {
+      if (reserved && folder) quotas.release(folder.maildir, quota, size);
+      if (err instanceof TmpInUseError) {
+        log.warn({ recipient: rcpt.address }, "another worker is writing this copy; will retry the request");
+        return { outcome: "busy" };
+      }
+      logFailure(err, rcpt.address);
+      return { outcome: "deferred", reply: replyForError(err) };
+    }
+  }
+
+  async function report(
+    request: LocalDeliveryRequest,
+    rcpt: Recipient,
+    result: "delivered" | "deferred",
+    r: Reply,
+  ): Promise<void> {
+    const status: RecipientStatus = {
+      v: 1,
+      queueId: request.queueId,
+      dispatchId: request.dispatchId,
+      recipient: rcpt.address,
+      outcome: result,
+      reply: r,
+      attempt: rcpt.attempt,
+      service: "mda",
+      at: new Date().toISOString(),
+      remoteMta,
+    };
+    await bus.publish(subjects.status(result), RecipientStatus, status, {
+      msgId: `${request.dispatchId}:${rcpt.address}:${result}`,
+    });
+    bus.emit({
+      type: result,
+      queueId: request.queueId,
+      recipient: rcpt.address,
+      reply: r,
+      attempt: rcpt.attempt,
+    });
+  }
+
+  async function handle(request: LocalDeliveryRequest): Promise<Outcome | void> {
+    let small: Promise<Buffer> | undefined;
+    const smallBody = () => {
+      small ??= bodies.readBuffer(request.body);
+      return small;
+    };
+    const reports: Promise<void>[] = [];
+    let busy = false;
+    for (const rcpt of request.recipients) {
+      const result = await inSpan(
+        tracer,
+        "maildir.write",
+        {
+          attributes: {
+            [attr.queueId]: request.queueId,
+            [attr.recipientDomain]: parseAddress(rcpt.address)?.domain,
+            [attr.attempt]: rcpt.attempt,
+            [attr.size]: request.body.size,
+          },
+        },
+        async (span) => {
+          const r = await copy(request, rcpt, smallBody);
+          span.setAttribute(attr.outcome, r.outcome);
+          if (r.outcome !== "busy") {
+            span.setAttribute(attr.replyCode, r.reply.code);
+            span.setAttribute(attr.replyEnhanced, r.reply.enhanced);
+          }
+          return r;
+        },
+      );
+      if (result.outcome === "busy") {
+        busy = true;
+        continue;
+      }
+      deliveries.inc({ outcome: result.outcome });
+      // publish while the next copy is written; the ack waits for all of them below
+      reports.push(report(request, rcpt, result.outcome, result.reply));
+    }
+    const settled = await Promise.allSettled(reports);
+    const failed = settled.find((s) => s.status === "rejected");
+    // the bus naks and JetStream redelivers; the duplicate checks make that safe
+    if (failed) throw failed.reason;
+    if (busy) return outcome.retry(staleTmpMs, "a copy is being written by another worker");
+  }
+
+  return { handle, store };
+}

@@ -1,0 +1,53 @@
+import { constants } from "node:fs";
+import { access, mkdir } from "node:fs/promises";
+import { LocalDeliveryRequest } from "@mailpipe/contracts";
+import { watchDirectory } from "@mailpipe/directory";
+import { runService } from "@mailpipe/service-kit";
+import { config } from "./config.ts";
+import { createDeliverer } from "./deliver.ts";
+
+// fsync blocks a libuv thread for milliseconds; with the default 4 threads, 32 requests in flight
+// would queue every stat, open and rename behind a few fsyncs. Set before the pool first starts.
+process.env.UV_THREADPOOL_SIZE ??= String(
+  Math.min(64, Math.max(4, Number(process.env.MDA_CONCURRENCY) || 32)),
+);
+
+await runService({
+  name: "mda",
+  config,
+  redis: true,
+  async start({ config, bus, redis, telemetry, log }) {
+    if (!redis) throw new Error("mda needs Redis for its duplicate markers");
+    // fail at start, not on the first message, when the mail volume is missing or read-only
+    await mkdir(config.MAILDIR_ROOT, { recursive: true, mode: 0o700 });
+    await access(config.MAILDIR_ROOT, constants.W_OK);
+    const directory = await watchDirectory(config.DIRECTORY_FILE, {
+      onReload: () => log.info({ file: config.DIRECTORY_FILE }, "directory reloaded"),
+      onError: (err) => log.error({ err: err.message }, "directory file rejected; keeping the previous one"),
+    });
+    const deliverer = createDeliverer({
+      maildirRoot: config.MAILDIR_ROOT,
+      hostname: config.MAIL_HOSTNAME,
+      fsync: config.MDA_FSYNC,
+      ackWaitMs: config.MDA_ACK_WAIT,
+      bus,
+      bodies: await bus.bodies(),
+      redis,
+      directory: () => directory.current(),
+      telemetry,
+    });
+    if (!config.MDA_FSYNC) log.warn("MDA_FSYNC=false: deliveries are not crash-safe (benchmarks only)");
+    const sub = await bus.consume("mda", LocalDeliveryRequest, deliverer.handle, {
+      maxInFlight: config.MDA_CONCURRENCY,
+      ackWaitMs: config.MDA_ACK_WAIT,
+    });
+    log.info(
+      { maildirRoot: config.MAILDIR_ROOT, concurrency: config.MDA_CONCURRENCY },
+      "delivering to Maildir",
+    );
+    return async () => {
+      await sub.stop(); // finishes the requests in flight
+      directory.close();
+    };
+  },
+});
