@@ -1,0 +1,796 @@
+// The deployment files, checked offline: every Kubernetes object under deploy/k8s is valid for its
+// kind (kubernetes-models: types and required fields), the kustomizations render (with kubectl when
+// it is installed, else with the small renderer below, which handles exactly the patch forms the
+// overlays use), and the rendered manifests keep the promises deploy/README.md makes: probes,
+// least privilege, only mx and msa exposed, only mda on the mail volume, KEDA and the HPA never
+// together. docker-compose.yml and deploy/Dockerfile are checked against the same facts.
+import { spawnSync } from "node:child_process";
+import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
+import { dirname, join, relative, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { topology } from "@mailpipe/contracts";
+import { Deployment, type IDeployment, type IStatefulSet, StatefulSet } from "kubernetes-models/apps/v1";
+import { HorizontalPodAutoscaler, type IHorizontalPodAutoscaler } from "kubernetes-models/autoscaling/v2";
+import { type INetworkPolicy, NetworkPolicy } from "kubernetes-models/networking.k8s.io/v1";
+import { type IPodDisruptionBudget, PodDisruptionBudget } from "kubernetes-models/policy/v1";
+import {
+  ConfigMap,
+  type IConfigMap,
+  type IContainer,
+  type IPersistentVolumeClaim,
+  type IPodSpec,
+  type IService,
+  Namespace,
+  PersistentVolumeClaim,
+  Secret,
+  Service,
+} from "kubernetes-models/v1";
+import { describe, expect, it } from "vitest";
+import { parse, parseAllDocuments } from "yaml";
+
+const root = fileURLToPath(new URL("../..", import.meta.url));
+const k8sDir = join(root, "deploy", "k8s");
+const SERVICES = ["msa", "mx", "router", "delivery", "mda"] as const;
+type ServiceName = (typeof SERVICES)[number];
+const IMAGE = "ghcr.io/mailpipe/mailpipe";
+
+interface K8s {
+  apiVersion: string;
+  kind: string;
+  metadata: { name: string; namespace?: string; labels?: Record<string, string> };
+  [field: string]: unknown;
+}
+
+const MODELS: Record<string, new (data: never) => { validate(): void }> = {
+  "v1/Namespace": Namespace,
+  "v1/ConfigMap": ConfigMap,
+  "v1/Secret": Secret,
+  "v1/Service": Service,
+  "v1/PersistentVolumeClaim": PersistentVolumeClaim,
+  "apps/v1/Deployment": Deployment,
+  "apps/v1/StatefulSet": StatefulSet,
+  "policy/v1/PodDisruptionBudget": PodDisruptionBudget,
+  "autoscaling/v2/HorizontalPodAutoscaler": HorizontalPodAutoscaler,
+  "networking.k8s.io/v1/NetworkPolicy": NetworkPolicy,
+};
+const KUSTOMIZE_KINDS = [
+  "kustomize.config.k8s.io/v1beta1/Kustomization",
+  "kustomize.config.k8s.io/v1alpha1/Component",
+];
+const SCALED_OBJECT = "keda.sh/v1alpha1/ScaledObject";
+const typeOf = (o: { apiVersion?: unknown; kind?: unknown }) => `${String(o.apiVersion)}/${String(o.kind)}`;
+
+// ---------------------------------------------------------------------------------------------
+// files
+
+function yamlFiles(dir: string): string[] {
+  return readdirSync(dir, { withFileTypes: true })
+    .flatMap((e) => (e.isDirectory() ? yamlFiles(join(dir, e.name)) : [join(dir, e.name)]))
+    .filter((f) => /\.ya?ml$/.test(f))
+    .sort();
+}
+
+/** Every document of a YAML file; comment-only documents are dropped. Throws on a YAML error. */
+function loadDocs(file: string): unknown[] {
+  const docs = parseAllDocuments(readFileSync(file, "utf8"));
+  for (const d of docs) {
+    if (d.errors.length > 0) throw new Error(`${relative(root, file)}: ${d.errors[0]!.message}`);
+  }
+  return docs.map((d) => d.toJS() as unknown).filter((d) => d !== null && d !== undefined);
+}
+
+function isRecord(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+interface Selector {
+  group?: string;
+  version?: string;
+  kind?: string;
+  name?: string;
+  labelSelector?: string;
+}
+interface PatchEntry {
+  path?: string;
+  patch?: string;
+  target?: Selector;
+}
+interface Kustomization {
+  apiVersion: string;
+  kind: string;
+  namespace?: string;
+  resources?: string[];
+  components?: string[];
+  patches?: PatchEntry[];
+  images?: { name: string; newName?: string; newTag?: string; digest?: string }[];
+}
+
+function readKustomization(dir: string): Kustomization {
+  const file = join(dir, "kustomization.yaml");
+  const [doc] = loadDocs(file);
+  if (!isRecord(doc) || !KUSTOMIZE_KINDS.includes(typeOf(doc)))
+    throw new Error(`${file} is not a kustomization`);
+  return doc as unknown as Kustomization;
+}
+
+// ---------------------------------------------------------------------------------------------
+// a minimal kustomize: resources, components, namespace, images, and patches that are either
+// JSON 6902 operation lists or `$patch: delete` (the only forms deploy/k8s uses)
+
+function selects(t: Selector, o: K8s): boolean {
+  const [group, version] = o.apiVersion.includes("/") ? o.apiVersion.split("/") : ["", o.apiVersion];
+  if (t.group !== undefined && t.group !== group) return false;
+  if (t.version !== undefined && t.version !== version) return false;
+  if (t.kind !== undefined && t.kind !== o.kind) return false;
+  // kustomize matches names as anchored regular expressions
+  if (t.name !== undefined && !new RegExp(`^(?:${t.name})$`).test(o.metadata.name)) return false;
+  for (const pair of t.labelSelector?.split(",") ?? []) {
+    const [k, v] = pair.split("=");
+    if (o.metadata.labels?.[k!.trim()] !== v?.trim()) return false;
+  }
+  return true;
+}
+
+function applyJsonPatch(doc: unknown, ops: unknown[]): void {
+  for (const raw of ops) {
+    if (!isRecord(raw) || typeof raw.path !== "string")
+      throw new Error(`bad JSON patch operation ${JSON.stringify(raw)}`);
+    const keys = raw.path
+      .split("/")
+      .slice(1)
+      .map((s) => s.replaceAll("~1", "/").replaceAll("~0", "~"));
+    const last = keys.pop();
+    if (last === undefined) throw new Error("a JSON patch cannot replace the whole object");
+    let parent: unknown = doc;
+    for (const k of keys) {
+      parent = Array.isArray(parent) ? parent[Number(k)] : isRecord(parent) ? parent[k] : undefined;
+      if (parent === undefined) throw new Error(`JSON patch path ${raw.path} does not exist`);
+    }
+    const value = structuredClone(raw.value);
+    if (Array.isArray(parent)) {
+      const i = last === "-" ? parent.length : Number(last);
+      if (raw.op === "add") parent.splice(i, 0, value);
+      else if (i >= parent.length) throw new Error(`JSON patch path ${raw.path} does not exist`);
+      else if (raw.op === "replace") parent[i] = value;
+      else if (raw.op === "remove") parent.splice(i, 1);
+      else throw new Error(`unsupported JSON patch op ${String(raw.op)}`);
+    } else if (isRecord(parent)) {
+      if (raw.op !== "add" && !(last in parent))
+        throw new Error(`JSON patch path ${raw.path} does not exist`);
+      if (raw.op === "add" || raw.op === "replace") parent[last] = value;
+      else if (raw.op === "remove") delete parent[last];
+      else throw new Error(`unsupported JSON patch op ${String(raw.op)}`);
+    } else throw new Error(`JSON patch path ${raw.path} does not exist`);
+  }
+}
+
+function podSpecOf(o: K8s): IPodSpec | undefined {
+  if (o.kind !== "Deployment" && o.kind !== "StatefulSet") return undefined;
+  return (o as unknown as IDeployment | IStatefulSet).spec?.template.spec;
+}
+
+function setImage(o: K8s, rule: NonNullable<Kustomization["images"]>[number]): void {
+  for (const c of podSpecOf(o)?.containers ?? []) {
+    const m = /^(.*?)(?::([^:/@]+))?(?:@(.+))?$/.exec(c.image ?? "");
+    if (!m || m[1] !== rule.name) continue;
+    const tag = rule.digest ? `@${rule.digest}` : rule.newTag ? `:${rule.newTag}` : m[2] ? `:${m[2]}` : "";
+    c.image = `${rule.newName ?? rule.name}${tag}`;
+  }
+}
+
+function build(dir: string, accumulated: K8s[] = []): K8s[] {
+  const k = readKustomization(dir);
+  let out = [...accumulated];
+  for (const entry of k.resources ?? []) {
+    const p = resolve(dir, entry);
+    out.push(...(statSync(p).isDirectory() ? build(p) : (loadDocs(p) as K8s[])));
+  }
+  for (const c of k.components ?? []) out = build(resolve(dir, c), out);
+  if (k.namespace) for (const o of out) if (o.kind !== "Namespace") o.metadata.namespace = k.namespace;
+  for (const p of k.patches ?? []) {
+    const patch = parse(p.patch ?? readFileSync(resolve(dir, p.path ?? ""), "utf8")) as unknown;
+    const targets = out.filter((o) => p.target !== undefined && selects(p.target, o));
+    if (targets.length === 0)
+      throw new Error(`${relative(root, dir)}: a patch selects nothing: ${JSON.stringify(p.target)}`);
+    if (Array.isArray(patch)) for (const t of targets) applyJsonPatch(t, patch);
+    else if (isRecord(patch) && patch.$patch === "delete") out = out.filter((o) => !targets.includes(o));
+    else throw new Error(`${relative(root, dir)}: unsupported patch form (use JSON 6902 or $patch: delete)`);
+  }
+  for (const rule of k.images ?? []) for (const o of out) setImage(o, rule);
+  return out;
+}
+
+const hasKubectl = spawnSync("kubectl", ["version", "--client"], { encoding: "utf8" }).status === 0;
+
+function kubectlKustomize(dir: string): K8s[] {
+  const r = spawnSync("kubectl", ["kustomize", dir], { encoding: "utf8", timeout: 60_000 });
+  if (r.status !== 0) throw new Error(`kubectl kustomize ${relative(root, dir)} failed: ${r.stderr}`);
+  return parseAllDocuments(r.stdout).map((d) => d.toJS() as K8s);
+}
+
+const RENDERS = ["base", "overlays/dev", "overlays/production"] as const;
+/** Rendered once: with kubectl when installed (the real thing), else with build(). */
+const rendered = Object.fromEntries(
+  RENDERS.map((r) => [r, hasKubectl ? kubectlKustomize(join(k8sDir, r)) : build(join(k8sDir, r))]),
+) as Record<(typeof RENDERS)[number], K8s[]>;
+
+// ---------------------------------------------------------------------------------------------
+// accessors over a rendered set
+
+const ofKind = <T>(objs: K8s[], kind: string) =>
+  objs.filter((o) => o.kind === kind) as unknown as (T & K8s)[];
+const deployments = (objs: K8s[]) => ofKind<IDeployment>(objs, "Deployment");
+const configMap = (objs: K8s[], name: string) => {
+  const cm = ofKind<IConfigMap>(objs, "ConfigMap").find((c) => c.metadata.name === name);
+  if (!cm) throw new Error(`no ConfigMap ${name}`);
+  return cm.data ?? {};
+};
+const mainContainer = (d: IDeployment): IContainer => {
+  const c = d.spec?.template.spec?.containers[0];
+  if (!c) throw new Error(`${d.metadata?.name} has no container`);
+  return c;
+};
+const serviceOf = (d: IDeployment) => d.metadata?.name as ServiceName;
+
+/** Environment of a Deployment's container: envFrom ConfigMaps, then its own env (which wins). */
+function envOf(objs: K8s[], d: IDeployment): Map<string, string> {
+  const c = mainContainer(d);
+  const env = new Map<string, string>();
+  for (const from of c.envFrom ?? []) {
+    if (from.configMapRef?.name)
+      for (const [k, v] of Object.entries(configMap(objs, from.configMapRef.name))) env.set(k, v);
+  }
+  for (const e of c.env ?? []) env.set(e.name, e.value ?? "");
+  return env;
+}
+
+function seconds(duration: string): number {
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(duration.trim());
+  if (!m) throw new Error(`not a duration: ${duration}`);
+  return Number(m[1]) * { ms: 0.001, s: 1, m: 60, h: 3600 }[(m[2] ?? "ms") as "ms" | "s" | "m" | "h"];
+}
+
+function containerPort(c: IContainer, port: string | number | undefined): number | undefined {
+  return typeof port === "number" ? port : c.ports?.find((p) => p.name === port)?.containerPort;
+}
+
+const matches = (selector: Record<string, string> | undefined, labels: Record<string, string> | undefined) =>
+  selector !== undefined && Object.entries(selector).every(([k, v]) => labels?.[k] === v);
+
+/** The first argument after `node` names the program; it must exist in the repository. */
+function programOf(command: string[]): string | undefined {
+  const i = command.findIndex((a) => /(^|\/)node$/.test(a));
+  return command[i + 1]?.replace(/^\/app\//, "");
+}
+
+function readme(name: ServiceName): string | undefined {
+  const file = join(root, "services", name, "README.md");
+  return existsSync(file) ? readFileSync(file, "utf8") : undefined;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+describe("deploy/k8s files", () => {
+  const files = yamlFiles(k8sDir);
+
+  it("parse, and every object is of a known kind and valid for it", () => {
+    const problems: string[] = [];
+    let checked = 0;
+    for (const file of files) {
+      const rel = relative(k8sDir, file);
+      for (const doc of loadDocs(file)) {
+        if (!isRecord(doc)) {
+          problems.push(`${rel}: a document that is not a mapping`);
+          continue;
+        }
+        const type = typeOf(doc);
+        const model = MODELS[type];
+        try {
+          if (model) new model(doc as never).validate();
+          else if (type === SCALED_OBJECT) checkScaledObject(doc as unknown as ScaledObject);
+          else if (KUSTOMIZE_KINDS.includes(type)) continue;
+          else if (rel === join("nats", "values.yaml")) checkNatsValues(doc);
+          else throw new Error(`unknown kind ${type}`);
+          checked++;
+        } catch (err) {
+          problems.push(
+            `${rel} ${String(doc.kind)}/${String(isRecord(doc.metadata) ? doc.metadata.name : "")}: ${(err as Error).message}`,
+          );
+        }
+      }
+    }
+    expect(problems).toEqual([]);
+    expect(checked).toBeGreaterThan(30);
+  });
+
+  it("kustomizations name only files and folders that exist, and base lists every manifest but the examples", () => {
+    const missing: string[] = [];
+    const listed = new Set<string>();
+    for (const file of files.filter((f) => f.endsWith("kustomization.yaml"))) {
+      const dir = dirname(file);
+      const k = readKustomization(dir);
+      const paths = [
+        ...(k.resources ?? []),
+        ...(k.components ?? []),
+        ...(k.patches ?? []).flatMap((p) => (p.path ? [p.path] : [])),
+      ];
+      for (const p of paths) {
+        const full = resolve(dir, p);
+        listed.add(full);
+        const ok =
+          existsSync(full) && (statSync(full).isFile() || existsSync(join(full, "kustomization.yaml")));
+        if (!ok) missing.push(`${relative(root, file)}: ${p}`);
+      }
+    }
+    expect(missing).toEqual([]);
+    const unlisted = yamlFiles(join(k8sDir, "base")).filter(
+      (f) => !f.endsWith("kustomization.yaml") && !f.endsWith(".example.yaml") && !listed.has(f),
+    );
+    expect(unlisted.map((f) => relative(root, f))).toEqual([]);
+  });
+
+  // Only where kubectl is installed (without it, `rendered` comes from build() itself): the built-in
+  // renderer must produce exactly what kustomize does, so that its results can be trusted elsewhere.
+  if (hasKubectl) {
+    it("the built-in renderer produces exactly what kubectl kustomize does", () => {
+      const key = (o: K8s) => `${o.kind}/${o.metadata.namespace ?? ""}/${o.metadata.name}`;
+      const sorted = (objs: K8s[]) => [...objs].sort((a, b) => key(a).localeCompare(key(b)));
+      for (const r of RENDERS) expect(sorted(build(join(k8sDir, r))), r).toEqual(sorted(rendered[r]));
+    });
+  }
+
+  it("NATS Helm values: a 3-server cluster with JetStream on persistent volumes", () => {
+    const [values] = loadDocs(join(k8sDir, "nats", "values.yaml"));
+    checkNatsValues(values);
+  });
+});
+
+interface ScaledObject {
+  metadata: { name: string };
+  spec: {
+    scaleTargetRef: { name: string; kind?: string };
+    minReplicaCount?: number;
+    maxReplicaCount?: number;
+    triggers: { type: string; metadata?: Record<string, string>; metricType?: string }[];
+  };
+}
+
+/** KEDA's CRD is not in kubernetes-models: its required fields, by hand. */
+function checkScaledObject(so: ScaledObject): void {
+  if (!so.metadata?.name) throw new Error("metadata.name is required");
+  if (typeof so.spec?.scaleTargetRef?.name !== "string")
+    throw new Error("spec.scaleTargetRef.name is required");
+  if (!Array.isArray(so.spec.triggers) || so.spec.triggers.length === 0)
+    throw new Error("spec.triggers is required");
+  for (const t of so.spec.triggers) {
+    if (typeof t.type !== "string") throw new Error("every trigger needs a type");
+    for (const v of Object.values(t.metadata ?? {}))
+      if (typeof v !== "string") throw new Error("trigger metadata values are strings");
+    if (t.type === "nats-jetstream") {
+      for (const f of ["natsServerMonitoringEndpoint", "account", "stream", "consumer", "lagThreshold"]) {
+        if (!t.metadata?.[f]) throw new Error(`nats-jetstream trigger needs metadata.${f}`);
+      }
+      if (!/^\d+$/.test(t.metadata?.lagThreshold ?? "")) throw new Error("lagThreshold is a whole number");
+    }
+  }
+  const { minReplicaCount: min = 0, maxReplicaCount: max = 100 } = so.spec;
+  if (!Number.isInteger(min) || !Number.isInteger(max) || min > max) throw new Error("replica counts");
+}
+
+function checkNatsValues(values: unknown): void {
+  const v = values as {
+    config?: {
+      cluster?: { enabled?: boolean; replicas?: number };
+      jetstream?: {
+        enabled?: boolean;
+        fileStore?: { enabled?: boolean; pvc?: { enabled?: boolean; size?: string } };
+      };
+      monitor?: { enabled?: boolean; port?: number };
+    };
+  };
+  expect(v.config?.cluster).toMatchObject({ enabled: true, replicas: 3 });
+  expect(v.config?.jetstream?.enabled).toBe(true);
+  expect(v.config?.jetstream?.fileStore).toMatchObject({ enabled: true, pvc: { enabled: true } });
+  expect(v.config?.jetstream?.fileStore?.pvc?.size).toMatch(/^\d+[GT]i$/);
+  // KEDA reads the consumer lag from the monitoring port
+  expect(v.config?.monitor).toMatchObject({ enabled: true, port: 8222 });
+}
+
+describe.each(RENDERS)("rendered %s", (render) => {
+  const objs = rendered[render];
+  const deps = deployments(objs);
+
+  it("validates, and has one Deployment per service", () => {
+    for (const o of objs) {
+      const model = MODELS[typeOf(o)];
+      if (model) new model(o as never).validate();
+      else if (typeOf(o) === SCALED_OBJECT) checkScaledObject(o as unknown as ScaledObject);
+      else throw new Error(`unexpected kind ${typeOf(o)}`);
+      if (o.kind !== "Namespace")
+        expect(o.metadata.namespace, `${o.kind}/${o.metadata.name}`).toBe("mailpipe");
+    }
+    expect(deps.map((d) => d.metadata.name).sort()).toEqual([...SERVICES].sort());
+  });
+
+  it("every Deployment runs its service's main.ts from the mailpipe image", () => {
+    for (const d of deps) {
+      const c = mainContainer(d);
+      const program = programOf([...(c.command ?? []), ...(c.args ?? [])]);
+      expect(program, d.metadata.name).toBe(`services/${serviceOf(d)}/src/main.ts`);
+      expect(existsSync(join(root, program!)), `${program} exists`).toBe(true);
+      expect(c.image?.startsWith(render === "overlays/dev" ? "mailpipe:" : `${IMAGE}:`), c.image).toBe(true);
+    }
+  });
+
+  it("every Deployment has readiness /readyz, liveness /healthz and a startup probe on the HTTP port", () => {
+    const httpPort = Number(configMap(objs, "mailpipe-common").HTTP_PORT);
+    expect(httpPort).toBeGreaterThan(1023);
+    for (const d of deps) {
+      const c = mainContainer(d);
+      expect(c.readinessProbe?.httpGet?.path, d.metadata.name).toBe("/readyz");
+      expect(c.livenessProbe?.httpGet?.path, d.metadata.name).toBe("/healthz");
+      expect(c.startupProbe?.httpGet?.path, d.metadata.name).toBeDefined();
+      for (const probe of [c.readinessProbe, c.livenessProbe, c.startupProbe]) {
+        expect(containerPort(c, probe?.httpGet?.port), d.metadata.name).toBe(httpPort);
+      }
+    }
+  });
+
+  it("every Deployment runs as non-root with a read-only root filesystem and no privileges", () => {
+    for (const d of deps) {
+      const pod = d.spec!.template.spec!;
+      const c = mainContainer(d);
+      const name = d.metadata.name;
+      expect(c.securityContext?.runAsNonRoot ?? pod.securityContext?.runAsNonRoot, name).toBe(true);
+      expect(pod.securityContext?.runAsUser, name).toBe(10001);
+      expect(c.securityContext?.readOnlyRootFilesystem, name).toBe(true);
+      expect(c.securityContext?.allowPrivilegeEscalation, name).toBe(false);
+      expect(c.securityContext?.capabilities?.drop, name).toContain("ALL");
+      expect(c.securityContext?.capabilities?.add ?? [], name).toEqual([]);
+      expect((c.securityContext?.seccompProfile ?? pod.securityContext?.seccompProfile)?.type, name).toBe(
+        "RuntimeDefault",
+      );
+      expect(pod.automountServiceAccountToken, name).toBe(false);
+      expect(pod.enableServiceLinks, name).toBe(false);
+      expect(pod.hostNetwork ?? false, name).toBe(false);
+      // the read-only root needs a writable /tmp
+      const tmp = c.volumeMounts?.find((m) => m.mountPath === "/tmp");
+      expect(pod.volumes?.find((v) => v.name === tmp?.name)?.emptyDir, `${name} /tmp`).toBeDefined();
+      expect(pod.topologySpreadConstraints?.length, name).toBeGreaterThan(0);
+    }
+  });
+
+  it("every Deployment requests resources and has a memory limit", () => {
+    for (const d of deps) {
+      const r = mainContainer(d).resources;
+      expect(r?.requests?.cpu, d.metadata.name).toBeDefined();
+      expect(r?.requests?.memory, d.metadata.name).toBeDefined();
+      expect(r?.limits?.memory, d.metadata.name).toBeDefined();
+    }
+  });
+
+  it("terminationGracePeriodSeconds leaves time for preStop and SHUTDOWN_TIMEOUT", () => {
+    for (const d of deps) {
+      const env = envOf(objs, d);
+      const sleep = mainContainer(d).lifecycle?.preStop?.sleep?.seconds ?? 0;
+      const shutdown = seconds(env.get("SHUTDOWN_TIMEOUT") ?? "30s");
+      expect(d.spec!.template.spec!.terminationGracePeriodSeconds, d.metadata.name).toBeGreaterThan(
+        sleep + shutdown,
+      );
+    }
+  });
+
+  it("only mda mounts the mail volume, and all mda pods share one ReadWriteMany or a single ReadWriteOnce claim", () => {
+    const mounting = objs.filter((o) =>
+      (podSpecOf(o)?.volumes ?? []).some((v) => v.persistentVolumeClaim?.claimName === "mail-storage"),
+    );
+    expect(mounting.map((o) => `${o.kind}/${o.metadata.name}`)).toEqual(["Deployment/mda"]);
+    const pvc = ofKind<IPersistentVolumeClaim>(objs, "PersistentVolumeClaim").find(
+      (p) => p.metadata.name === "mail-storage",
+    );
+    const hpa = ofKind<IHorizontalPodAutoscaler>(objs, "HorizontalPodAutoscaler").find(
+      (h) => h.metadata.name === "mda",
+    );
+    const mda = deps.find((d) => d.metadata.name === "mda")!;
+    if (pvc?.spec?.accessModes?.includes("ReadWriteMany")) return;
+    // ReadWriteOnce: one pod, replaced rather than rolled
+    expect(pvc?.spec?.accessModes).toEqual(["ReadWriteOnce"]);
+    expect(hpa?.spec?.maxReplicas ?? mda.spec?.replicas).toBe(1);
+    expect(mda.spec?.strategy?.type).toBe("Recreate");
+  });
+
+  it("only mx and msa have a LoadBalancer Service, on 25 and 587/465, reaching the ports they listen on", () => {
+    const services = ofKind<IService>(objs, "Service");
+    const lbs = services.filter((s) => s.spec?.type === "LoadBalancer");
+    expect(lbs.map((s) => s.metadata.name).sort()).toEqual(["msa", "mx"]);
+    for (const s of services) {
+      expect(["ClusterIP", "LoadBalancer", undefined], s.metadata.name).toContain(s.spec?.type);
+      expect(s.spec?.externalIPs, s.metadata.name).toBeUndefined();
+    }
+    const listen: Record<string, Record<number, string>> = {
+      mx: { 25: "MX_PORT" },
+      msa: { 587: "MSA_SUBMISSION_PORT", 465: "MSA_SUBMISSIONS_PORT" },
+    };
+    for (const lb of lbs) {
+      expect(lb.spec?.externalTrafficPolicy, lb.metadata.name).toBe("Local");
+      const d = deps.find((x) => matches(lb.spec?.selector, x.spec?.template.metadata?.labels));
+      expect(d?.metadata.name).toBe(lb.metadata.name);
+      const env = envOf(objs, d!);
+      const expected = listen[lb.metadata.name]!;
+      expect(lb.spec?.ports?.map((p) => p.port).sort()).toEqual(Object.keys(expected).map(Number).sort());
+      for (const p of lb.spec?.ports ?? []) {
+        const target = containerPort(mainContainer(d!), p.targetPort);
+        expect(target, `${lb.metadata.name}:${p.port}`).toBeGreaterThan(1023);
+        expect(env.get(expected[p.port]!), `${lb.metadata.name}:${p.port}`).toBe(String(target));
+      }
+    }
+  });
+
+  it("every Deployment has a PodDisruptionBudget and exactly one autoscaler (HPA or KEDA, never both)", () => {
+    const pdbs = ofKind<IPodDisruptionBudget>(objs, "PodDisruptionBudget");
+    const hpas = ofKind<IHorizontalPodAutoscaler>(objs, "HorizontalPodAutoscaler");
+    const scaled = ofKind<ScaledObject>(objs, "ScaledObject");
+    for (const d of deps) {
+      const labels = d.spec?.template.metadata?.labels;
+      expect(pdbs.filter((p) => matches(p.spec?.selector?.matchLabels, labels)).length, d.metadata.name).toBe(
+        1,
+      );
+      const byHpa = hpas.filter(
+        (h) => h.spec?.scaleTargetRef.kind === "Deployment" && h.spec.scaleTargetRef.name === d.metadata.name,
+      );
+      const byKeda = scaled.filter((s) => s.spec.scaleTargetRef.name === d.metadata.name);
+      expect(byHpa.length + byKeda.length, d.metadata.name).toBe(1);
+      for (const h of byHpa) expect(h.spec?.metrics?.[0]?.resource?.name).toBe("cpu");
+    }
+  });
+
+  it("network policies: default deny, DNS for all, SMTP in to mx/msa, SMTP out from delivery, scrapes from monitoring", () => {
+    const policies = ofKind<INetworkPolicy>(objs, "NetworkPolicy");
+    const allPods = (p: INetworkPolicy) => Object.keys(p.spec?.podSelector?.matchLabels ?? {}).length === 0;
+    const deny = policies.find((p) => allPods(p) && !p.spec?.ingress && !p.spec?.egress);
+    expect(deny?.spec?.policyTypes?.sort()).toEqual(["Egress", "Ingress"]);
+    const egressPorts = (p: INetworkPolicy) =>
+      p.spec?.egress?.flatMap((e) => e.ports?.map((x) => x.port) ?? []) ?? [];
+    expect(policies.some((p) => allPods(p) && egressPorts(p).includes(53))).toBe(true);
+
+    const applying = (d: IDeployment) =>
+      policies.filter((p) => matches(p.spec?.podSelector?.matchLabels, d.spec?.template.metadata?.labels));
+    for (const d of deps) {
+      const c = mainContainer(d);
+      const open = applying(d).flatMap((p) => p.spec?.ingress ?? []);
+      // the LoadBalancer ports from anywhere (a rule with no `from`)
+      const fromAnywhere = open.filter((r) => !r.from).flatMap((r) => r.ports?.map((x) => x.port) ?? []);
+      const expected =
+        { mx: ["smtp"], msa: ["submission", "submissions"] }[serviceOf(d) as "mx" | "msa"] ?? [];
+      expect(fromAnywhere.sort(), d.metadata.name).toEqual(expected.map((n) => containerPort(c, n)).sort());
+      // Prometheus from the monitoring namespace on the HTTP port
+      const scrape = open.filter((r) =>
+        r.from?.some(
+          (f) => f.namespaceSelector?.matchLabels?.["kubernetes.io/metadata.name"] === "monitoring",
+        ),
+      );
+      expect(
+        scrape.flatMap((r) => r.ports?.map((x) => x.port)),
+        d.metadata.name,
+      ).toContain(containerPort(c, "http"));
+      // NATS for every service; port 25 outward for delivery only
+      const out = applying(d).flatMap(egressPorts);
+      expect(out, d.metadata.name).toContain(4222);
+      expect(out.includes(25), d.metadata.name).toBe(serviceOf(d) === "delivery");
+      // Redis only for the services that are given REDIS_URL
+      expect(out.includes(6379), d.metadata.name).toBe(envOf(objs, d).has("REDIS_URL"));
+    }
+  });
+
+  it("every environment variable a Deployment sets is documented in that service's README", () => {
+    const undocumented: string[] = [];
+    for (const d of deps) {
+      const text = readme(serviceOf(d));
+      if (text === undefined) continue; // README not written yet
+      for (const name of envOf(objs, d).keys()) {
+        if (!new RegExp(`\\b${name}\\b`).test(text)) undocumented.push(`${serviceOf(d)}: ${name}`);
+      }
+    }
+    expect(undocumented).toEqual([]);
+  });
+});
+
+describe("overlays", () => {
+  it("production: R3 streams, pinned image, two replicas or more, delivery scaled by KEDA on its consumer lag", () => {
+    const objs = rendered["overlays/production"];
+    expect(configMap(objs, "mailpipe-common").JS_REPLICAS).toBe("3");
+    for (const d of deployments(objs))
+      expect(mainContainer(d).image, d.metadata.name).toMatch(
+        /^ghcr\.io\/mailpipe\/mailpipe(:(?!latest$)[\w.-]+|@sha256:\w+)$/,
+      );
+    const hpas = ofKind<IHorizontalPodAutoscaler>(objs, "HorizontalPodAutoscaler");
+    expect(hpas.map((h) => h.metadata.name).sort()).toEqual(["mda", "msa", "mx", "router"]);
+    for (const h of hpas) expect(h.spec?.minReplicas, h.metadata.name).toBeGreaterThanOrEqual(2);
+    const [so, ...more] = ofKind<ScaledObject>(objs, "ScaledObject");
+    expect(more).toEqual([]);
+    expect(so?.spec.scaleTargetRef.name).toBe("delivery");
+    expect(so?.spec.minReplicaCount).toBeGreaterThanOrEqual(2);
+    const lag = so?.spec.triggers.find((t) => t.type === "nats-jetstream");
+    expect(lag?.metadata).toMatchObject({
+      stream: topology.consumers.delivery.stream,
+      consumer: topology.consumers.delivery.durable,
+      account: "$G",
+    });
+    expect(lag?.metadata?.natsServerMonitoringEndpoint).toMatch(
+      /^nats-headless\.mailpipe\.svc\.cluster\.local:8222$/,
+    );
+  });
+
+  it("dev: one replica of each service, a ReadWriteOnce mail volume, the locally built image", () => {
+    const objs = rendered["overlays/dev"];
+    const hpas = ofKind<IHorizontalPodAutoscaler>(objs, "HorizontalPodAutoscaler");
+    expect(hpas).toHaveLength(SERVICES.length);
+    for (const h of hpas) expect([h.spec?.minReplicas, h.spec?.maxReplicas], h.metadata.name).toEqual([1, 1]);
+    expect(ofKind<ScaledObject>(objs, "ScaledObject")).toEqual([]);
+    for (const d of deployments(objs)) expect(mainContainer(d).image).toBe("mailpipe:dev");
+  });
+
+  it("base keeps delivery's CPU autoscaler and ships no placeholder secret", () => {
+    const objs = rendered.base;
+    expect(
+      ofKind<IHorizontalPodAutoscaler>(objs, "HorizontalPodAutoscaler").some(
+        (h) => h.metadata.name === "delivery",
+      ),
+    ).toBe(true);
+    for (const r of RENDERS)
+      expect(
+        rendered[r].filter((o) => o.kind === "Secret"),
+        r,
+      ).toEqual([]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+
+interface ComposeService {
+  image?: string;
+  build?: { context?: string; dockerfile?: string };
+  command?: string[];
+  entrypoint?: unknown;
+  environment?: Record<string, string>;
+  volumes?: string[];
+  ports?: string[];
+  read_only?: boolean;
+  cap_drop?: string[];
+}
+
+describe("docker-compose.yml", () => {
+  // YAML merge keys (`<<: *service`) as Compose resolves them
+  const compose = parse(readFileSync(join(root, "docker-compose.yml"), "utf8"), { merge: true }) as {
+    services: Record<string, ComposeService>;
+    volumes?: Record<string, unknown>;
+  };
+  const svc = (name: string) => {
+    const s = compose.services[name];
+    if (!s) throw new Error(`no service ${name}`);
+    return s;
+  };
+  const k8s = deployments(rendered.base);
+
+  it("builds the five services from deploy/Dockerfile into one image, with the commands Kubernetes runs", () => {
+    const images = new Set<string | undefined>();
+    for (const name of SERVICES) {
+      const s = svc(name);
+      expect(s.build, name).toEqual({ context: ".", dockerfile: "deploy/Dockerfile" });
+      images.add(s.image);
+      expect(s.entrypoint, name).toBeUndefined(); // the image's ENTRYPOINT ["node"]
+      const d = k8s.find((x) => x.metadata.name === name)!;
+      const c = mainContainer(d);
+      expect(programOf(["node", ...(s.command ?? [])]), name).toBe(
+        programOf([...(c.command ?? []), ...(c.args ?? [])]),
+      );
+      expect(s.read_only, name).toBe(true);
+      expect(s.cap_drop, name).toContain("ALL");
+    }
+    expect(images.size).toBe(1);
+    expect(existsSync(join(root, "deploy", "Dockerfile"))).toBe(true);
+  });
+
+  it("sends every service's traces to Jaeger over OTLP/HTTP and uses the infrastructure the design names", () => {
+    for (const name of SERVICES)
+      expect(svc(name).environment?.OTEL_EXPORTER_OTLP_ENDPOINT, name).toBe("http://jaeger:4318");
+    expect(svc("jaeger").image).toMatch(/^jaegertracing\/all-in-one(:|$)/);
+    expect(svc("jaeger").ports).toContain("127.0.0.1:16686:16686");
+    expect(svc("nats").image).toBe("nats:2.10-alpine");
+    expect(svc("nats").command?.join(" ")).toMatch(/-js -sd \/data/);
+    expect(svc("nats").volumes?.some((v) => v.endsWith(":/data"))).toBe(true);
+    expect(svc("redis").image).toBe("redis:7-alpine");
+    expect(svc("redis").command?.join(" ")).toMatch(/--appendonly yes/);
+    expect(svc("redis").volumes?.some((v) => v.endsWith(":/data"))).toBe(true);
+  });
+
+  it("publishes only 25, 587 and 465 of the services, onto the unprivileged ports they listen on", () => {
+    expect(svc("mx").ports).toEqual(["25:2525"]);
+    expect(svc("mx").environment?.MX_PORT).toBe("2525");
+    expect(svc("msa").ports).toEqual(["587:2587", "465:2465"]);
+    expect(svc("msa").environment).toMatchObject({
+      MSA_SUBMISSION_PORT: "2587",
+      MSA_SUBMISSIONS_PORT: "2465",
+    });
+    for (const name of ["router", "delivery", "mda"]) expect(svc(name).ports, name).toBeUndefined();
+  });
+
+  it("mounts the mail volume only in mda and Dovecot, with the Maildir layout mda writes", () => {
+    const mounting = Object.entries(compose.services)
+      .filter(([, s]) => s.volumes?.some((v) => v.split(":")[0] === "mail"))
+      .map(([n]) => n);
+    expect(mounting.sort()).toEqual(["dovecot", "mda"]);
+    expect(svc("mda").volumes).toContain("mail:/srv/mail");
+    expect(svc("mda").environment?.MAILDIR_ROOT).toBe("/srv/mail");
+    expect(svc("dovecot").volumes).toContain("mail:/srv/mail");
+    const conf = readFileSync(join(root, "deploy", "dovecot", "dovecot.conf"), "utf8");
+    expect(conf).toMatch(/^mail_location = maildir:\/srv\/mail\/%d\/%n\/Maildir$/m);
+    expect(conf).toMatch(/^mail_uid = 10001$/m);
+    for (const v of svc("dovecot").volumes ?? []) {
+      const source = v.split(":")[0]!;
+      if (source.startsWith("./")) expect(existsSync(join(root, source)), source).toBe(true);
+    }
+  });
+
+  it("mounts the directory and TLS files from deploy/compose, read-only, where they are read", () => {
+    expect(existsSync(join(root, "deploy", "compose", "README.md"))).toBe(true);
+    for (const name of SERVICES) {
+      const env = svc(name).environment ?? {};
+      const mounted = svc(name).volumes?.includes("./deploy/compose:/etc/mailpipe:ro") ?? false;
+      const needs = ["DIRECTORY_FILE", "TLS_CERT_FILE", "TLS_KEY_FILE"].filter((k) => env[k] !== undefined);
+      expect(mounted, name).toBe(needs.length > 0);
+      for (const k of needs) expect(env[k], `${name} ${k}`).toMatch(/^\/etc\/mailpipe\//);
+    }
+  });
+
+  it("every environment variable a service is given is documented in its README", () => {
+    const undocumented: string[] = [];
+    for (const name of SERVICES) {
+      const text = readme(name);
+      if (text === undefined) continue; // README not written yet
+      for (const key of Object.keys(svc(name).environment ?? {})) {
+        if (!new RegExp(`\\b${key}\\b`).test(text)) undocumented.push(`${name}: ${key}`);
+      }
+    }
+    expect(undocumented).toEqual([]);
+  });
+});
+
+describe("deploy/Dockerfile", () => {
+  const dockerfile = readFileSync(join(root, "deploy", "Dockerfile"), "utf8");
+  const pkg = JSON.parse(readFileSync(join(root, "package.json"), "utf8")) as { packageManager: string };
+
+  it("installs from every workspace manifest before copying the sources", () => {
+    const manifests = ["packages", "services"].flatMap((top) =>
+      readdirSync(join(root, top))
+        .map((d) => `${top}/${d}/package.json`)
+        .filter((f) => existsSync(join(root, f))),
+    );
+    const copied = [...dockerfile.matchAll(/^COPY (\S+\/package\.json) /gm)].map((m) => m[1]);
+    expect(copied.sort()).toEqual(manifests.sort());
+    const install = dockerfile.indexOf("pnpm install --frozen-lockfile --prod");
+    expect(install).toBeGreaterThan(dockerfile.lastIndexOf("/package.json "));
+    expect(install).toBeLessThan(dockerfile.indexOf("COPY packages packages"));
+    expect(dockerfile).toMatch(/^COPY pnpm-lock\.yaml pnpm-workspace\.yaml \.\/$/m);
+  });
+
+  it("uses the pinned pnpm and Node 24, and runs as uid 10001 with node as the entrypoint", () => {
+    expect(pkg.packageManager).toBe(`pnpm@${/ARG PNPM_VERSION=(\S+)/.exec(dockerfile)?.[1]}`);
+    expect(dockerfile).toMatch(/^ARG NODE_IMAGE=node:24-bookworm-slim$/m);
+    expect(dockerfile).not.toMatch(/corepack enable/);
+    expect(dockerfile).toMatch(/^ENV NODE_ENV=production$/m);
+    expect(dockerfile).toMatch(/^USER 10001:10001$/m);
+    expect(dockerfile).toMatch(/^ENTRYPOINT \["node"\]$/m);
+  });
+
+  it("puts a mailctl on PATH that runs the CLI, and keeps secrets and build debris out of the context", () => {
+    const wrapper = readFileSync(join(root, "deploy", "bin", "mailctl"), "utf8");
+    expect(statSync(join(root, "deploy", "bin", "mailctl")).mode & 0o111).not.toBe(0);
+    const target = /import\("\/app\/([^"]+)"\)/.exec(wrapper)?.[1];
+    expect(target).toBe("packages/mailctl/src/main.ts");
+    expect(existsSync(join(root, target!))).toBe(true);
+    const ignore = readFileSync(join(root, "deploy", "Dockerfile.dockerignore"), "utf8").split("\n");
+    for (const entry of ["**/node_modules", "**/.data", ".git", "**/coverage", "deploy/compose"])
+      expect(ignore).toContain(entry);
+  });
+});
