@@ -221,6 +221,37 @@ describe("bus", () => {
     });
   });
 
+  it("exposes consumer lag as Prometheus gauges", async () => {
+    const telemetry = quietTelemetry("mda");
+    const bus = await Bus.connect({ url: nats.url, name: "lag", telemetry });
+    await bus.ensureTopology();
+    open.push(bus);
+    let release!: () => void;
+    const gate = new Promise<void>((r) => {
+      release = r;
+    });
+    await bus.consume("mda", LocalSchema, () => gate, { maxInFlight: 1 });
+    for (let i = 0; i < 5; i++) {
+      const m = request();
+      await bus.publish(subjects.deliverLocal(), LocalSchema, m, { msgId: m.dispatchId });
+    }
+    const text = await waitFor(
+      async () => {
+        const t = await telemetry.metrics.text();
+        const pending = Number(
+          /mailpipe_bus_consumer_pending\{consumer="mda"[^}]*\} (\d+)/.exec(t)?.[1] ?? -1,
+        );
+        const acking = Number(
+          /mailpipe_bus_consumer_ack_pending\{consumer="mda"[^}]*\} (\d+)/.exec(t)?.[1] ?? -1,
+        );
+        return pending >= 1 && acking >= 1 && pending + acking === 5 ? t : false;
+      },
+      { timeoutMs: 5000 },
+    );
+    expect(text).toContain("# HELP mailpipe_bus_consumer_pending");
+    release();
+  });
+
   it("says clearly when NATS is not there", async () => {
     const err = await Bus.connect({
       url: "nats://127.0.0.1:1",

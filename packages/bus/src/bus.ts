@@ -103,6 +103,11 @@ export class Bus {
   readonly #telemetry: Telemetry;
   readonly #publishTimeoutMs: number;
   readonly #subs = new Set<Subscription>();
+  /** consumers bound in this process, for the lag gauges */
+  readonly #consumers = new Map<
+    string,
+    { info(): Promise<{ num_pending: number; num_ack_pending: number }> }
+  >();
   #bodies: BodyStore | undefined;
   #connected = true;
 
@@ -266,6 +271,8 @@ export class Bus {
       maxAckPending: opts.maxAckPending ?? Math.max(1000, maxInFlight * 16),
     });
     const consumer = await this.js.consumers.get(stream, durable);
+    this.#consumers.set(durable, consumer);
+    this.#lagGauges();
     const messages: ConsumerMessages = await consumer.consume({ max_messages: maxInFlight });
     const { log, tracer, metrics } = this.#telemetry;
     const handled = metrics.counter(
@@ -400,6 +407,53 @@ export class Bus {
     };
     this.#subs.add(sub);
     return sub;
+  }
+
+  #lagRegistered = false;
+
+  /** Consumer lag, read from JetStream when Prometheus scrapes (one info request per consumer). */
+  #lagGauges(): void {
+    if (this.#lagRegistered) return;
+    this.#lagRegistered = true;
+    const { metrics, log } = this.#telemetry;
+    const consumers = this.#consumers;
+    let snapshot: Promise<Map<string, { num_pending: number; num_ack_pending: number }>> | undefined;
+    const read = () => {
+      snapshot ??= (async () => {
+        const out = new Map<string, { num_pending: number; num_ack_pending: number }>();
+        for (const [name, c] of consumers) {
+          try {
+            out.set(name, await c.info());
+          } catch (err) {
+            log.debug(
+              { err: (err as Error).message, consumer: name },
+              "could not read consumer info for metrics",
+            );
+          }
+        }
+        setTimeout(() => {
+          snapshot = undefined;
+        }, 100).unref();
+        return out;
+      })();
+      return snapshot;
+    };
+    metrics.gauge(
+      "bus_consumer_pending",
+      "Messages in the stream not yet delivered to this consumer (lag)",
+      ["consumer"],
+      async function () {
+        for (const [name, info] of await read()) this.set({ consumer: name }, info.num_pending);
+      },
+    );
+    metrics.gauge(
+      "bus_consumer_ack_pending",
+      "Messages delivered to this consumer and not yet acked",
+      ["consumer"],
+      async function () {
+        for (const [name, info] of await read()) this.set({ consumer: name }, info.num_ack_pending);
+      },
+    );
   }
 
   /** Stops consumers (waiting for their handlers), then drains and closes the connection. */
