@@ -1,0 +1,45 @@
+import { baseConfig, bool, duration, port } from "@mailpipe/service-kit";
+import { z } from "zod";
+
+const count = (defaultValue: number, max = 100_000) =>
+  z.coerce.number().int().min(1).max(max).default(defaultValue);
+
+/** A duration that must be positive: a zero timeout would fail every session at once. */
+const positive = (defaultValue: string) =>
+  duration(defaultValue).refine((ms) => ms > 0, { message: "must be longer than 0" });
+
+/** delivery's environment (README.md lists every variable with its default). */
+export const config = baseConfig.extend({
+  /** port of the remote MX hosts */
+  SMTP_REMOTE_PORT: port(25),
+  /** SMTP transactions at once in this process */
+  DELIVERY_CONCURRENCY: count(100, 10_000),
+  /** transactions at once to one destination domain, in this process */
+  DESTINATION_CONCURRENCY: count(10, 10_000),
+  /** a request for a saturated destination goes back to JetStream for this long (±20%) */
+  DESTINATION_BUSY_DELAY: positive("2s"),
+  /** TCP connect, per address */
+  SMTP_CONNECT_TIMEOUT: positive("30s"),
+  /** RFC 5321 4.5.3.2: initial 220 greeting */
+  SMTP_GREETING_TIMEOUT: positive("5m"),
+  /** RFC 5321 4.5.3.2: EHLO, STARTTLS, MAIL, RCPT, RSET replies */
+  SMTP_COMMAND_TIMEOUT: positive("5m"),
+  /** RFC 5321 4.5.3.2: the 354 reply to DATA */
+  SMTP_DATA_INIT_TIMEOUT: positive("2m"),
+  /** RFC 5321 4.5.3.2: no progress while sending the message */
+  SMTP_DATA_BLOCK_TIMEOUT: positive("3m"),
+  /** RFC 5321 4.5.3.2: the reply after the final dot */
+  SMTP_DATA_DONE_TIMEOUT: positive("10m"),
+  /** false: opportunistic TLS takes any certificate; true: a certificate must verify for the MX name */
+  SMTP_TLS_VERIFY: bool(false),
+  /** retry a host without TLS when its STARTTLS handshake fails (only with SMTP_TLS_VERIFY=false) */
+  SMTP_TLS_FALLBACK_PLAIN: bool(true),
+  SMTP_REUSE_CONNECTIONS: bool(true),
+  SMTP_MAX_MESSAGES_PER_CONNECTION: count(100),
+  SMTP_IDLE_CONNECTION_TIMEOUT: positive("30s"),
+  /** JetStream ack wait; the bus keeps extending it while a transaction runs */
+  DELIVERY_ACK_WAIT: positive("2m"),
+  /** refuse to connect to loopback, private and link-local addresses (SSRF through MX records) */
+  SMTP_BLOCK_LOCAL_ADDRESSES: bool(true),
+});
+export type Config = z.infer<typeof config>;

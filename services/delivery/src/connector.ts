@@ -1,0 +1,161 @@
+import { isIPv6, type Socket } from "node:net";
+import { replies, reply } from "@mailpipe/contracts";
+import mxConnect, { type MxConnectError } from "mx-connect";
+import { ConnectionPool, type PoolOptions } from "./connection-pool.ts";
+import { type SessionTimeouts, SmtpFailure, SmtpSession, type TlsMode } from "./smtp-session.ts";
+
+export interface ConnectorOptions {
+  /** SMTP_REMOTE_PORT */
+  port: number;
+  /** EHLO name (MAIL_HOSTNAME) */
+  heloName: string;
+  connectTimeoutMs: number;
+  blockLocalAddresses: boolean;
+  tlsVerify: boolean;
+  tlsFallbackPlain: boolean;
+  timeouts: SessionTimeouts;
+  pool: PoolOptions;
+}
+
+/** One address of one MX host of a destination. */
+export interface Target {
+  domain: string;
+  exchange: string;
+  priority: number;
+  address: string;
+}
+
+export interface Acquired {
+  session: SmtpSession;
+  key: string;
+  reused: boolean;
+  /** set when STARTTLS failed and the session is the plaintext retry */
+  tlsFailure?: SmtpFailure;
+}
+
+const NO_DNS = () => {
+  // the router resolved every address; a lookup here would be a bug, not a fallback
+  throw Object.assign(new Error("delivery does not resolve names"), { code: "ENOTFOUND" });
+};
+
+const CONNECT_ERRORS: Record<string, string> = {
+  ECONNREFUSED: "connection refused",
+  ECONNRESET: "connection reset",
+  EHOSTUNREACH: "host unreachable",
+  ENETUNREACH: "network unreachable",
+  ETIMEDOUT: "connection timed out",
+  EADDRNOTAVAIL: "local address not available",
+};
+
+function connectFailure(target: Target, err: MxConnectError): SmtpFailure {
+  if (err.code === "InvalidIpAddress") {
+    return new SmtpFailure(
+      "blocked",
+      "connect",
+      reply(
+        550,
+        "5.4.4",
+        `Not connecting to ${target.exchange} [${target.address}]: loopback, private or reserved address`,
+      ),
+      { cause: err },
+    );
+  }
+  const detail =
+    (err.code && CONNECT_ERRORS[err.code]) ??
+    (/timed out/i.test(err.message) ? "connection timed out" : (err.code ?? "connection failed"));
+  return new SmtpFailure("connect", "connect", replies.connectionFailed(detail), { cause: err });
+}
+
+/**
+ * Sessions to remote addresses: a pooled one when there is one (checked with RSET), else a new
+ * TCP connection through mx-connect (address policy, connect timeout, and later MTA-STS/DANE)
+ * and an SMTP session over it, retried in plaintext when STARTTLS fails and that is allowed.
+ */
+export class Connector {
+  readonly pool: ConnectionPool;
+  readonly #o: ConnectorOptions;
+  readonly #tls: TlsMode;
+
+  constructor(o: ConnectorOptions) {
+    this.#o = o;
+    this.#tls = o.tlsVerify ? "verify" : "opportunistic";
+    this.pool = new ConnectionPool(o.pool);
+  }
+
+  /**
+   * Pool key: the address and port, the name the certificate is checked against, and the TLS
+   * policy the session was made under (a plaintext fallback session stays under the policy that
+   * produced it, so the failed handshake is not repeated for every message).
+   */
+  keyOf(target: Target): string {
+    return `${target.address}|${this.#o.port}|${target.exchange.toLowerCase()}|${this.#tls}`;
+  }
+
+  /** Rejects with SmtpFailure. */
+  async acquire(target: Target): Promise<Acquired> {
+    const key = this.keyOf(target);
+    for (let s = this.pool.take(key); s; s = this.pool.take(key)) {
+      try {
+        await s.reset();
+        return { session: s, key, reused: true };
+      } catch {
+        s.destroy(); // closed by the server while idle: open a fresh one
+      }
+    }
+    try {
+      return { session: await this.#open(target, this.#tls), key, reused: false };
+    } catch (err) {
+      const failure = err as SmtpFailure;
+      // with SMTP_TLS_VERIFY a plaintext retry would be weaker than the unverified TLS it refuses
+      if (failure.kind !== "tls" || this.#tls !== "opportunistic" || !this.#o.tlsFallbackPlain) throw err;
+      return { session: await this.#open(target, "none"), key, reused: false, tlsFailure: failure };
+    }
+  }
+
+  /** After a successful transaction: back to the pool (or closed, if it should not be kept). */
+  release(acquired: Acquired): void {
+    this.pool.put(acquired.key, acquired.session);
+  }
+
+  /** After any error: the session's state is unknown, never reuse it. */
+  discard(acquired: Acquired): void {
+    acquired.session.destroy();
+  }
+
+  close(): Promise<void> {
+    return this.pool.close();
+  }
+
+  async #open(target: Target, tls: TlsMode): Promise<SmtpSession> {
+    const o = this.#o;
+    let socket: Socket;
+    try {
+      const connection = await mxConnect({
+        target: target.domain,
+        mx: [
+          {
+            exchange: target.exchange,
+            priority: target.priority,
+            ...(isIPv6(target.address) ? { AAAA: [target.address] } : { A: [target.address] }),
+          },
+        ],
+        port: o.port,
+        maxConnectTime: o.connectTimeoutMs,
+        localHostname: o.heloName,
+        dnsOptions: { blockLocalAddresses: o.blockLocalAddresses, resolveRecords: NO_DNS },
+      });
+      socket = connection.socket;
+    } catch (err) {
+      throw connectFailure(target, err as MxConnectError);
+    }
+    return SmtpSession.open({
+      socket,
+      address: target.address,
+      port: o.port,
+      exchange: target.exchange,
+      heloName: o.heloName,
+      tls,
+      timeouts: o.timeouts,
+    });
+  }
+}

@@ -1,0 +1,253 @@
+import type { Readable } from "node:stream";
+import type { BodyRef, MxHost, Outcome, RemoteDeliveryRequest, Reply } from "@mailpipe/contracts";
+import { reply } from "@mailpipe/contracts";
+import {
+  attr,
+  type Counter,
+  inSpan,
+  type Logger,
+  type Span,
+  SpanKind,
+  SpanStatusCode,
+  type Tracer,
+} from "@mailpipe/telemetry";
+import { lazyBody } from "./body-stream.ts";
+import type { Acquired, Connector, Target } from "./connector.ts";
+import { SmtpFailure } from "./smtp-session.ts";
+
+export interface RecipientResult {
+  address: string;
+  outcome: Outcome;
+  reply: Reply;
+  /** `exchange [address]` of the host the reply came from */
+  remoteMta: string | undefined;
+}
+
+export interface TransactionDeps {
+  connector: Connector;
+  openBody: (ref: BodyRef) => Promise<Readable>;
+  tracer: Tracer;
+  log: Logger;
+  connections: Counter<"reused">;
+}
+
+/** What one address attempt came to: final results, or a failure that sends us to the next address. */
+type AttemptResult =
+  | { kind: "done"; results: RecipientResult[] }
+  | { kind: "failed"; failure: SmtpFailure; permanent: boolean };
+
+// biome-ignore lint/suspicious/noControlCharactersInRegex: the ASCII range is the point
+const ASCII = /^[\x00-\x7f]*$/;
+
+export const outcomeOf = (r: Reply): Outcome =>
+  r.code < 300 ? "delivered" : r.code < 500 ? "deferred" : "bounced";
+
+export const smtputf8Unsupported = (exchange: string): Reply =>
+  reply(553, "5.6.7", `${exchange} does not support SMTPUTF8, which this message requires`);
+
+/**
+ * One SMTP transaction for one destination: MX hosts in order, each address in order, until one
+ * gives an answer for the recipients. A host that fails before the envelope is answered (no
+ * connection, greeting/EHLO/MAIL refused, timeout, TLS failure without fallback) sends us to the
+ * next; when all fail, every recipient is deferred with the last reply, or bounced when every
+ * host refused permanently (5xx to MAIL FROM, SIZE, SMTPUTF8, blocked address).
+ */
+export async function runTransaction(
+  request: RemoteDeliveryRequest,
+  deps: TransactionDeps,
+): Promise<RecipientResult[]> {
+  const addresses = request.recipients.map((r) => r.address);
+  const needsSmtpUtf8 =
+    request.smtputf8 || !ASCII.test(request.mailFrom) || addresses.some((a) => !ASCII.test(a));
+  let last: { reply: Reply; remoteMta: string } | undefined;
+  let allPermanent = true;
+  const tried = new Set<string>();
+
+  for (const host of request.destination.hosts) {
+    for (const address of host.addresses) {
+      if (tried.has(address)) continue; // one address under two MX names
+      tried.add(address);
+      const remoteMta = `${host.exchange} [${address}]`;
+      const target: Target = {
+        domain: request.destination.domain,
+        exchange: host.exchange,
+        priority: host.priority,
+        address,
+      };
+      const result = await inSpan(
+        deps.tracer,
+        "smtp.connect",
+        {
+          kind: SpanKind.CLIENT,
+          attributes: {
+            [attr.serverAddress]: host.exchange,
+            [attr.peerAddress]: address,
+            [attr.mx]: host.exchange,
+            "mail.mx.priority": host.priority,
+          },
+        },
+        (span) => attempt(request, host, target, remoteMta, needsSmtpUtf8, deps, span),
+      );
+      if (result.kind === "done") return result.results;
+      last = { reply: result.failure.reply, remoteMta };
+      if (!result.permanent) allPermanent = false;
+      deps.log.info(
+        {
+          relay: remoteMta,
+          failure: result.failure.kind,
+          stage: result.failure.stage,
+          reply: `${result.failure.reply.code} ${result.failure.reply.enhanced} ${result.failure.reply.text}`,
+        },
+        "attempt on this address failed",
+      );
+    }
+  }
+  // every address failed (hosts is never empty: the contract requires one with one address)
+  const final = last ?? { reply: reply(451, "4.4.0", "No address to try"), remoteMta: "" };
+  const outcome: Outcome = allPermanent ? "bounced" : "deferred";
+  return addresses.map((address) => ({
+    address,
+    outcome,
+    reply: final.reply,
+    remoteMta: final.remoteMta || undefined,
+  }));
+}
+
+async function attempt(
+  request: RemoteDeliveryRequest,
+  host: MxHost,
+  target: Target,
+  remoteMta: string,
+  needsSmtpUtf8: boolean,
+  deps: TransactionDeps,
+  span: Span,
+): Promise<AttemptResult> {
+  let acquired: Acquired;
+  try {
+    acquired = await deps.connector.acquire(target);
+  } catch (err) {
+    const failure = asFailure(err);
+    markFailed(span, failure);
+    return { kind: "failed", failure, permanent: failure.kind === "blocked" };
+  }
+  const { session } = acquired;
+  deps.connections.inc({ reused: String(acquired.reused) });
+  span.setAttribute(attr.serverPort, session.port);
+  span.setAttribute("smtp.connection.reused", acquired.reused);
+  if (acquired.tlsFailure) {
+    span.addEvent("starttls.failed", { "smtp.tls.fallback": "plaintext" });
+  }
+  if (session.secure) {
+    // semantic conventions: tls.protocol.version is "1.3", not "TLSv1.3"
+    const version = session.tlsVersion?.replace(/^TLSv/, "") ?? "unknown";
+    span.setAttribute(attr.tlsProtocol, version);
+    if (!acquired.reused) span.addEvent("starttls", { [attr.tlsProtocol]: version });
+  }
+
+  if (needsSmtpUtf8 && !session.supports("SMTPUTF8")) {
+    deps.connector.release(acquired); // no transaction was started: the session is still clean
+    const failure = new SmtpFailure("reply", "MAIL", smtputf8Unsupported(host.exchange));
+    markFailed(span, failure);
+    return { kind: "failed", failure, permanent: true };
+  }
+
+  const addresses = request.recipients.map((r) => r.address);
+  const body = lazyBody(() => deps.openBody(request.body));
+  try {
+    const sent = await session.send(
+      {
+        from: request.mailFrom,
+        to: addresses,
+        size: request.body.size,
+        eightBitMime: request.bodyType === "8BITMIME",
+        smtputf8: needsSmtpUtf8,
+      },
+      body,
+    );
+    deps.connector.release(acquired);
+    setReply(span, sent.reply);
+    const refused = new Map(sent.rejected.map((r) => [r.address, r.reply]));
+    return {
+      kind: "done",
+      results: addresses.map((address) => {
+        const r = refused.get(address) ?? sent.reply;
+        return { address, outcome: outcomeOf(r), reply: r, remoteMta };
+      }),
+    };
+  } catch (err) {
+    deps.connector.discard(acquired);
+    body.destroy();
+    const failure = asFailure(err);
+    const results = finalResults(failure, addresses, remoteMta);
+    if (results) {
+      setReply(span, failure.reply);
+      return { kind: "done", results };
+    }
+    markFailed(span, failure);
+    return {
+      kind: "failed",
+      failure,
+      permanent: failure.kind === "size" || (failure.stage === "MAIL" && failure.reply.code >= 500),
+    };
+  }
+}
+
+/**
+ * Results a failed send() still settles: refusals at RCPT or DATA, and a body we could not read.
+ * Undefined when the failure is the host's (MAIL refused, 421, timeout, lost connection): the
+ * next address gets every recipient.
+ */
+function finalResults(
+  failure: SmtpFailure,
+  addresses: string[],
+  remoteMta: string,
+): RecipientResult[] | undefined {
+  const refused = new Map(failure.rejected.map((r) => [r.address, r.reply]));
+  const settle = (fallback: Reply) =>
+    addresses.map((address) => {
+      const r = refused.get(address) ?? fallback;
+      return { address, outcome: outcomeOf(r), reply: r, remoteMta };
+    });
+  if (failure.kind === "body") {
+    // our side failed mid-transaction; nothing was delivered, the router retries later
+    return addresses.map((address) => ({
+      address,
+      outcome: "deferred" as const,
+      reply: failure.reply,
+      remoteMta,
+    }));
+  }
+  if (failure.kind !== "reply" || failure.reply.code === 421) return undefined;
+  switch (failure.stage) {
+    case "RCPT":
+    case "DATA":
+    case "message":
+    case "end of data":
+      return settle(failure.reply);
+    default:
+      return undefined;
+  }
+}
+
+function asFailure(err: unknown): SmtpFailure {
+  if (err instanceof SmtpFailure) return err;
+  return new SmtpFailure(
+    "lost",
+    "connect",
+    reply(451, "4.4.0", `Delivery attempt failed: ${(err as Error)?.message ?? String(err)}`),
+    { cause: err },
+  );
+}
+
+function setReply(span: Span, r: Reply): void {
+  span.setAttribute(attr.replyCode, r.code);
+  span.setAttribute(attr.replyEnhanced, r.enhanced);
+}
+
+/** Reply texts often quote addresses: spans get the codes and where it failed, never the text. */
+function markFailed(span: Span, failure: SmtpFailure): void {
+  setReply(span, failure.reply);
+  span.setAttribute("smtp.failure", failure.kind);
+  span.setAttribute(attr.smtpCommand, failure.stage);
+  span.setStatus({ code: SpanStatusCode.ERROR, message: `${failure.kind} at ${failure.stage}` });
+}

@@ -1,0 +1,257 @@
+import type { BodyStore, Bus, Outcome } from "@mailpipe/bus";
+import { outcome } from "@mailpipe/bus";
+import {
+  formatReply,
+  parseAddress,
+  RecipientStatus,
+  type RemoteDeliveryRequest,
+  subjects,
+} from "@mailpipe/contracts";
+import { attr, inSpan, SpanKind, type Telemetry } from "@mailpipe/telemetry";
+import type { Config } from "./config.ts";
+import { Connector } from "./connector.ts";
+import { DestinationLimiter, jitter } from "./destination-limiter.ts";
+import { type RecipientResult, runTransaction } from "./transaction.ts";
+
+/** Header on every status this service publishes: which worker (MAIL_HOSTNAME/pid) made it. */
+export const WORKER_HEADER = "Mailpipe-Worker";
+
+/** Results whose statuses could not be published, kept for the redelivery (bounded). */
+const UNREPORTED_MAX = 10_000;
+const UNREPORTED_TTL_MS = 60 * 60_000;
+const PUBLISH_PAUSES_MS = [250, 1000];
+
+export interface WorkerDeps {
+  config: Pick<
+    Config,
+    | "MAIL_HOSTNAME"
+    | "SMTP_REMOTE_PORT"
+    | "DELIVERY_CONCURRENCY"
+    | "DESTINATION_CONCURRENCY"
+    | "DESTINATION_BUSY_DELAY"
+    | "SMTP_CONNECT_TIMEOUT"
+    | "SMTP_GREETING_TIMEOUT"
+    | "SMTP_COMMAND_TIMEOUT"
+    | "SMTP_DATA_INIT_TIMEOUT"
+    | "SMTP_DATA_BLOCK_TIMEOUT"
+    | "SMTP_DATA_DONE_TIMEOUT"
+    | "SMTP_TLS_VERIFY"
+    | "SMTP_TLS_FALLBACK_PLAIN"
+    | "SMTP_REUSE_CONNECTIONS"
+    | "SMTP_MAX_MESSAGES_PER_CONNECTION"
+    | "SMTP_IDLE_CONNECTION_TIMEOUT"
+    | "SMTP_BLOCK_LOCAL_ADDRESSES"
+  >;
+  bus: Pick<Bus, "publish" | "emit">;
+  bodies: Pick<BodyStore, "read">;
+  telemetry: Telemetry;
+  /** this worker in logs and statuses; default `MAIL_HOSTNAME/pid` */
+  workerId?: string;
+}
+
+export interface DeliveryWorker {
+  readonly workerId: string;
+  /** the bus handler: one SMTP transaction, one status per recipient, then ack */
+  handle(request: RemoteDeliveryRequest): Promise<Outcome | void>;
+  /** transactions in flight to `domain` in this worker */
+  inFlight(domain: string): number;
+  readonly connector: Connector;
+  /** QUITs the pooled sessions; call after the subscription stopped */
+  close(): Promise<void>;
+}
+
+export function createWorker(deps: WorkerDeps): DeliveryWorker {
+  const { config, bus, bodies, telemetry } = deps;
+  const workerId = deps.workerId ?? `${config.MAIL_HOSTNAME}/${process.pid}`;
+  const log = telemetry.log.child({ worker: workerId });
+  const { metrics, tracer } = telemetry;
+
+  const outcomes = metrics.counter(
+    "delivery_outcomes_total",
+    "Recipients reported, by outcome and destination",
+    ["outcome", "destination"],
+  );
+  const transactionSeconds = metrics.histogram(
+    "delivery_transaction_seconds",
+    "Time per delivery request, every address tried included",
+  );
+  const connections = metrics.counter(
+    "delivery_connections_total",
+    "SMTP sessions used for a transaction, new or reused from the pool",
+    ["reused"],
+  );
+  const busy = metrics.counter(
+    "delivery_destination_busy_total",
+    "Requests sent back to JetStream because their destination was at DESTINATION_CONCURRENCY",
+  );
+
+  const connector = new Connector({
+    port: config.SMTP_REMOTE_PORT,
+    heloName: config.MAIL_HOSTNAME,
+    connectTimeoutMs: config.SMTP_CONNECT_TIMEOUT,
+    blockLocalAddresses: config.SMTP_BLOCK_LOCAL_ADDRESSES,
+    tlsVerify: config.SMTP_TLS_VERIFY,
+    tlsFallbackPlain: config.SMTP_TLS_FALLBACK_PLAIN,
+    timeouts: {
+      greetingMs: config.SMTP_GREETING_TIMEOUT,
+      commandMs: config.SMTP_COMMAND_TIMEOUT,
+      dataInitMs: config.SMTP_DATA_INIT_TIMEOUT,
+      dataBlockMs: config.SMTP_DATA_BLOCK_TIMEOUT,
+      dataDoneMs: config.SMTP_DATA_DONE_TIMEOUT,
+    },
+    pool: {
+      reuse: config.SMTP_REUSE_CONNECTIONS,
+      maxMessages: config.SMTP_MAX_MESSAGES_PER_CONNECTION,
+      idleMs: config.SMTP_IDLE_CONNECTION_TIMEOUT,
+      // as many as can be busy at once: more would only be sockets waiting for their idle timeout
+      maxIdle: config.DELIVERY_CONCURRENCY,
+    },
+  });
+  metrics.gauge("delivery_pooled_connections", "Idle SMTP sessions kept for reuse", [], function () {
+    this.set(connector.pool.idleCount);
+  });
+  const limiter = new DestinationLimiter(config.DESTINATION_CONCURRENCY);
+  const unreported = new Map<string, { results: RecipientResult[]; at: number }>();
+  const txDeps = {
+    connector,
+    openBody: bodies.read.bind(bodies),
+    tracer,
+    log,
+    connections,
+  };
+
+  async function publishStatus(request: RemoteDeliveryRequest, r: RecipientResult, at: string) {
+    const attempt = request.recipients.find((x) => x.address === r.address)?.attempt ?? 1;
+    const status: RecipientStatus = {
+      v: 1,
+      queueId: request.queueId,
+      dispatchId: request.dispatchId,
+      recipient: r.address,
+      outcome: r.outcome,
+      reply: r.reply,
+      attempt,
+      service: "delivery",
+      at,
+      destination: request.destination.domain,
+      ...(r.remoteMta ? { remoteMta: r.remoteMta } : {}),
+    };
+    for (let i = 0; ; i++) {
+      try {
+        await bus.publish(subjects.status(r.outcome), RecipientStatus, status, {
+          msgId: `${request.dispatchId}:${r.address}:${r.outcome}`,
+          headers: { [WORKER_HEADER]: workerId },
+        });
+        return;
+      } catch (err) {
+        const pause = PUBLISH_PAUSES_MS[i];
+        if (pause === undefined) throw err;
+        log.warn({ err: (err as Error).message, retryInMs: pause }, "status publish failed; retrying");
+        await new Promise((resolve) => setTimeout(resolve, pause));
+      }
+    }
+  }
+
+  /** Statuses first (acked by JetStream), then events, metrics and log lines. */
+  async function report(request: RemoteDeliveryRequest, results: RecipientResult[]): Promise<void> {
+    const at = new Date().toISOString();
+    try {
+      await Promise.all(results.map((r) => publishStatus(request, r, at)));
+    } catch (err) {
+      // the redelivery reports these instead of running the transaction again
+      if (unreported.size >= UNREPORTED_MAX) unreported.delete(unreported.keys().next().value!);
+      unreported.set(request.dispatchId, { results, at: Date.now() });
+      throw err;
+    }
+    const destination = request.destination.domain;
+    for (const r of results) {
+      const attempt = request.recipients.find((x) => x.address === r.address)?.attempt;
+      outcomes.inc({ outcome: r.outcome, destination });
+      bus.emit({
+        type: r.outcome,
+        queueId: request.queueId,
+        recipient: r.address,
+        destination,
+        reply: r.reply,
+        ...(attempt ? { attempt } : {}),
+        ...(r.remoteMta ? { remoteMta: r.remoteMta } : {}),
+      });
+      log.info(
+        {
+          to: r.address,
+          relay: r.remoteMta,
+          outcome: r.outcome,
+          reply: formatReply(r.reply),
+          attempt,
+          delayMs: Date.now() - Date.parse(request.receivedAt),
+        },
+        r.outcome,
+      );
+    }
+  }
+
+  async function handle(request: RemoteDeliveryRequest): Promise<Outcome | void> {
+    const pending = unreported.get(request.dispatchId);
+    if (pending) {
+      unreported.delete(request.dispatchId);
+      if (Date.now() - pending.at < UNREPORTED_TTL_MS) {
+        log.info("reporting the results of this request's earlier transaction");
+        await report(request, pending.results);
+        return;
+      }
+    }
+
+    const destination = request.destination.domain;
+    if (!limiter.tryAcquire(destination)) {
+      busy.inc();
+      return outcome.retry(jitter(config.DESTINATION_BUSY_DELAY), "destination busy");
+    }
+    let results: RecipientResult[];
+    const started = performance.now();
+    try {
+      const attempt = Math.max(...request.recipients.map((r) => r.attempt));
+      bus.emit({
+        type: "attempt",
+        queueId: request.queueId,
+        mailFrom: request.mailFrom,
+        recipients: request.recipients.map((r) => r.address),
+        destination,
+        attempt,
+        size: request.body.size,
+      });
+      results = await inSpan(
+        tracer,
+        "smtp.deliver",
+        {
+          kind: SpanKind.CLIENT,
+          attributes: {
+            [attr.queueId]: request.queueId,
+            [attr.destination]: destination,
+            [attr.recipientCount]: request.recipients.length,
+            [attr.attempt]: attempt,
+            [attr.size]: request.body.size,
+            [attr.senderDomain]: parseAddress(request.mailFrom)?.domain,
+          },
+        },
+        async (span) => {
+          const r = await runTransaction(request, txDeps);
+          for (const o of ["delivered", "deferred", "bounced"] as const) {
+            span.setAttribute(`mail.${o}.count`, r.filter((x) => x.outcome === o).length);
+          }
+          return r;
+        },
+      );
+    } finally {
+      limiter.release(destination);
+      transactionSeconds.observe((performance.now() - started) / 1000);
+    }
+    await report(request, results);
+  }
+
+  return {
+    workerId,
+    handle,
+    inFlight: (domain) => limiter.inFlight(domain),
+    connector,
+    close: () => connector.close(),
+  };
+}
