@@ -31,7 +31,9 @@ const rel = (p: string) => {
   const r = relative(process.cwd(), p);
   return r.startsWith("..") ? p : r || ".";
 };
-const color = process.stdout.isTTY ? (code: number, s: string) => `\x1b[${code}m${s}\x1b[0m` : (_c: number, s: string) => s;
+const color = process.stdout.isTTY
+  ? (code: number, s: string) => `\x1b[${code}m${s}\x1b[0m`
+  : (_c: number, s: string) => s;
 const say = (msg: string) => process.stdout.write(`${color(36, "[mailpipe]")} ${msg}\n`);
 
 const ORDER = ["router", "mda", "delivery", "mx", "msa"] as const;
@@ -57,7 +59,8 @@ function waitPort(port: number, timeoutMs: number): Promise<void> {
       });
       s.once("error", () => {
         s.destroy();
-        if (Date.now() > deadline) reject(new Error(`nothing listens on ${host}:${port} after ${timeoutMs} ms`));
+        if (Date.now() > deadline)
+          reject(new Error(`nothing listens on ${host}:${port} after ${timeoutMs} ms`));
         else setTimeout(attempt, 100);
       });
     };
@@ -85,7 +88,9 @@ function formatLine(name: string, line: string): string {
     const lc = level === "error" || level === "fatal" ? 31 : level === "warn" ? 33 : 90;
     const extra = [
       j.queueId ? `queue=${j.queueId}` : "",
-      j.err ? `err=${typeof j.err === "object" ? ((j.err as { message?: string }).message ?? "") : j.err}` : "",
+      j.err
+        ? `err=${typeof j.err === "object" ? ((j.err as { message?: string }).message ?? "") : j.err}`
+        : "",
     ]
       .filter(Boolean)
       .join(" ");
@@ -98,12 +103,18 @@ function formatLine(name: string, line: string): string {
 function launch(name: string, cmd: string, args: string[], childEnv: NodeJS.ProcessEnv, quiet = false): Proc {
   // Own process group: Ctrl-C reaches only this supervisor, which stops the services before
   // NATS and Redis, so in-flight work finishes instead of failing against a vanished bus.
-  const child = spawn(cmd, args, { cwd: root, env: childEnv, stdio: ["ignore", "pipe", "pipe"], detached: true });
+  const child = spawn(cmd, args, {
+    cwd: root,
+    env: childEnv,
+    stdio: ["ignore", "pipe", "pipe"],
+    detached: true,
+  });
   const logFile = join(dataDir, "logs", `${name}.log`);
   const onData = (buf: Buffer) => {
     void appendFile(logFile, buf);
     if (quiet) return;
-    for (const line of buf.toString("utf8").split("\n")) if (line.trim()) process.stdout.write(`${formatLine(name, line)}\n`);
+    for (const line of buf.toString("utf8").split("\n"))
+      if (line.trim()) process.stdout.write(`${formatLine(name, line)}\n`);
   };
   child.stdout?.on("data", onData);
   child.stderr?.on("data", onData);
@@ -149,7 +160,9 @@ async function main(): Promise<void> {
   // Development directory and keys, created once and kept.
   const directoryFile = env.DIRECTORY_FILE ?? join(dataDir, "directory.yaml");
   if (!existsSync(directoryFile)) {
-    await writeFile(directoryFile, await developmentDirectory({ keyDir: join(dataDir, "dkim") }), { mode: 0o600 });
+    await writeFile(directoryFile, await developmentDirectory({ keyDir: join(dataDir, "dkim") }), {
+      mode: 0o600,
+    });
     say(`wrote the development directory ${rel(directoryFile)}`);
   }
   const certFile = env.TLS_CERT_FILE ?? join(dataDir, "tls", "cert.pem");
@@ -165,7 +178,8 @@ async function main(): Promise<void> {
   // NATS and Redis, unless the environment points at running ones.
   let natsUrl = env.NATS_URL;
   if (!natsUrl) {
-    if (!(await portFree(ports.nats))) throw new Error(`port ${ports.nats} is taken: set DEV_NATS_PORT or NATS_URL`);
+    if (!(await portFree(ports.nats)))
+      throw new Error(`port ${ports.nats} is taken: set DEV_NATS_PORT or NATS_URL`);
     const store = join(dataDir, "nats");
     await mkdir(store, { recursive: true });
     launch("nats", "nats-server", ["-js", "-sd", store, "-a", host, "-p", String(ports.nats)], env, true);
@@ -174,13 +188,27 @@ async function main(): Promise<void> {
   }
   let redisUrl = env.REDIS_URL;
   if (!redisUrl) {
-    if (!(await portFree(ports.redis))) throw new Error(`port ${ports.redis} is taken: set DEV_REDIS_PORT or REDIS_URL`);
+    if (!(await portFree(ports.redis)))
+      throw new Error(`port ${ports.redis} is taken: set DEV_REDIS_PORT or REDIS_URL`);
     const dir = join(dataDir, "redis");
     await mkdir(dir, { recursive: true });
     launch(
       "redis",
       "redis-server",
-      ["--port", String(ports.redis), "--bind", host, "--dir", dir, "--appendonly", "yes", "--save", "", "--protected-mode", "no"],
+      [
+        "--port",
+        String(ports.redis),
+        "--bind",
+        host,
+        "--dir",
+        dir,
+        "--appendonly",
+        "yes",
+        "--save",
+        "",
+        "--protected-mode",
+        "no",
+      ],
       env,
       true,
     );
@@ -192,13 +220,18 @@ async function main(): Promise<void> {
   // answer NXDOMAIN at once instead of waiting on a resolver a sandbox may not reach.
   let dnsServers = env.DNS_SERVERS;
   if (dnsServers === undefined) {
-    const dkimTxt = await readFile(join(dataDir, "dkim", "example.test.mail.dns.txt"), "utf8").catch(() => "");
+    const dkimTxt = await readFile(join(dataDir, "dkim", "example.test.mail.dns.txt"), "utf8").catch(
+      () => "",
+    );
     const dkimValue = /"(.*)"/.exec(dkimTxt)?.[1];
     const dns = await startDnsServer({
       host,
       port: ports.dns,
       records: {
-        "example.test": { MX: [{ exchange: "mail.example.test", priority: 10 }], TXT: ["v=spf1 ip4:127.0.0.0/8 -all"] },
+        "example.test": {
+          MX: [{ exchange: "mail.example.test", priority: 10 }],
+          TXT: ["v=spf1 ip4:127.0.0.0/8 -all"],
+        },
         "mail.example.test": { A: [host] },
         "_dmarc.example.test": { TXT: ["v=DMARC1; p=none"] },
         ...(dkimValue ? { "mail._domainkey.example.test": { TXT: [dkimValue] } } : {}),
@@ -245,7 +278,12 @@ async function main(): Promise<void> {
         .catch(() => false);
       if (ok) break;
       if (Date.now() > deadline) {
-        say(color(31, `${name} did not become ready within 60 s; see ${rel(join(dataDir, "logs", `${name}.log`))}`));
+        say(
+          color(
+            31,
+            `${name} did not become ready within 60 s; see ${rel(join(dataDir, "logs", `${name}.log`))}`,
+          ),
+        );
         await stopAll(1);
       }
       await new Promise((r) => setTimeout(r, 200));
@@ -258,7 +296,9 @@ async function main(): Promise<void> {
     "",
     ...(services.includes("mx") ? [`  mx   inbound SMTP            ${host}:${ports.mx} (STARTTLS)`] : []),
     ...(services.includes("msa")
-      ? [`  msa  submission              ${host}:${ports.submission} (STARTTLS + AUTH), ${host}:${ports.submissions} (TLS + AUTH)`]
+      ? [
+          `  msa  submission              ${host}:${ports.submission} (STARTTLS + AUTH), ${host}:${ports.submissions} (TLS + AUTH)`,
+        ]
       : []),
     `  NATS ${natsUrl}   Redis ${redisUrl}   DNS ${dnsServers || "(system)"}`,
     `  health and metrics           ${services.map((n) => `${n} http://${host}:${httpPorts.get(n)}/metrics`).join(", ")}`,

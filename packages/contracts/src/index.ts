@@ -24,6 +24,7 @@ export {
   RecipientStatus,
   RemoteDeliveryRequest,
   ServiceName,
+  statusMsgId,
 } from "./messages.ts";
 export { isQueueId, newQueueId, QUEUE_ID_PATTERN, queueIdTime } from "./queue-id.ts";
 export {

@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 import { z } from "zod";
 import { Address, Domain, ReversePath } from "./address.ts";
 import { BodyRef } from "./body-ref.ts";
@@ -111,6 +112,15 @@ export type RemoteDeliveryRequest = z.infer<typeof RemoteDeliveryRequest>;
 
 export const Outcome = z.enum(["delivered", "deferred", "bounced"]);
 export type Outcome = z.infer<typeof Outcome>;
+
+/**
+ * The Nats-Msg-Id of a status: one per (dispatch, recipient, outcome). The address is hashed, so
+ * no local part lands in message ids and the spans that carry them.
+ */
+export function statusMsgId(dispatchId: string, address: string, outcome: Outcome): string {
+  const h = createHash("sha256").update(address.toLowerCase()).digest("hex").slice(0, 16);
+  return `${dispatchId}:${h}:${outcome}`;
+}
 
 /** `mail.v1.status.<outcome>`: what happened to one recipient on one attempt. */
 export const RecipientStatus = z.strictObject({

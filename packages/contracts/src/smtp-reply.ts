@@ -81,6 +81,13 @@ export const replies = {
   authLockedOut: () => reply(454, "4.7.0", "Too many failed authentication attempts, try again later"),
   authLockedOutClose: () =>
     reply(421, "4.7.0", "Too many failed authentication attempts, closing connection"),
+  /** the brute-force store did not answer: refuse the login for now rather than go unguarded */
+  authUnavailable: () => reply(454, "4.7.0", "Temporary authentication failure, try again later"),
+  nullSenderRefused: () => reply(553, "5.7.1", "The null sender <> cannot be used to submit mail"),
+  noFromHeader: () => reply(550, "5.6.0", "Message has no From header field: add one and send again"),
+  manyFromHeaders: () =>
+    reply(550, "5.6.0", "Message has more than one From header field (RFC 5322 allows one)"),
+  badFromHeader: () => reply(550, "5.6.0", "The From header field holds no usable address"),
   senderNotOwned: (address: string) => reply(553, "5.7.1", `Sender address <${address}> is not owned by you`),
   dmarcReject: (domain: string) =>
     reply(550, "5.7.1", `Message rejected: DMARC policy of ${domain} says reject and the message failed it`),
@@ -89,6 +96,7 @@ export const replies = {
 
   // temporary problems on our side
   localError: () => reply(451, "4.3.0", "Temporary local problem, please try again later"),
+  insufficientStorage: () => reply(452, "4.3.1", "Insufficient system storage"),
   shuttingDown: () => reply(421, "4.3.2", "Service shutting down, try again later"),
   timeout: () => reply(421, "4.4.2", "Timeout, closing connection"),
 
@@ -98,4 +106,9 @@ export const replies = {
   connectionLost: (detail: string) => reply(451, "4.4.2", `Connection lost: ${detail}`),
   expired: (detail = "Delivery time expired, giving up") => reply(554, "5.4.7", detail),
   tlsFailed: (detail: string) => reply(451, "4.7.5", `TLS negotiation failed: ${detail}`),
+  smtputf8Unsupported: (exchange: string) =>
+    reply(553, "5.6.7", `${exchange} does not support SMTPUTF8, which this message requires`),
+  blockedAddress: (exchange: string, address: string) =>
+    reply(550, "5.4.4", `Not connecting to ${exchange} [${address}]: loopback, private or reserved address`),
+  deletedByOperator: () => reply(550, "5.0.0", "Removed from the queue by the mail administrator"),
 } as const;

@@ -29,6 +29,7 @@ async function withQueue<T>(io: Io, fn: (q: MailQueue) => Promise<T>): Promise<T
 function ago(iso: string, now = Date.now()): string {
   const s = Math.round((Date.parse(iso) - now) / 1000);
   const abs = Math.abs(s);
+  if (abs < 1) return "just now";
   const text = abs < 120 ? `${abs}s` : abs < 7200 ? `${Math.round(abs / 60)}m` : `${Math.round(abs / 3600)}h`;
   return s >= 0 ? `in ${text}` : `${text} ago`;
 }

@@ -49,16 +49,9 @@ const CONNECT_ERRORS: Record<string, string> = {
 
 function connectFailure(target: Target, err: MxConnectError): SmtpFailure {
   if (err.code === "InvalidIpAddress") {
-    return new SmtpFailure(
-      "blocked",
-      "connect",
-      reply(
-        550,
-        "5.4.4",
-        `Not connecting to ${target.exchange} [${target.address}]: loopback, private or reserved address`,
-      ),
-      { cause: err },
-    );
+    return new SmtpFailure("blocked", "connect", replies.blockedAddress(target.exchange, target.address), {
+      cause: err,
+    });
   }
   const detail =
     (err.code && CONNECT_ERRORS[err.code]) ??

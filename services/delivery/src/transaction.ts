@@ -1,6 +1,6 @@
 import type { Readable } from "node:stream";
 import type { BodyRef, MxHost, Outcome, RemoteDeliveryRequest, Reply } from "@mailpipe/contracts";
-import { reply } from "@mailpipe/contracts";
+import { replies, reply } from "@mailpipe/contracts";
 import {
   attr,
   type Counter,
@@ -42,8 +42,7 @@ const ASCII = /^[\x00-\x7f]*$/;
 export const outcomeOf = (r: Reply): Outcome =>
   r.code < 300 ? "delivered" : r.code < 500 ? "deferred" : "bounced";
 
-export const smtputf8Unsupported = (exchange: string): Reply =>
-  reply(553, "5.6.7", `${exchange} does not support SMTPUTF8, which this message requires`);
+export const smtputf8Unsupported = (exchange: string): Reply => replies.smtputf8Unsupported(exchange);
 
 /**
  * One SMTP transaction for one destination: MX hosts in order, each address in order, until one

@@ -5,6 +5,7 @@ import {
   parseAddress,
   RecipientStatus,
   type RemoteDeliveryRequest,
+  statusMsgId,
   subjects,
 } from "@mailpipe/contracts";
 import { attr, inSpan, SpanKind, type Telemetry } from "@mailpipe/telemetry";
@@ -29,6 +30,7 @@ export interface WorkerDeps {
     | "DELIVERY_CONCURRENCY"
     | "DESTINATION_CONCURRENCY"
     | "DESTINATION_BUSY_DELAY"
+    | "DESTINATION_WAIT"
     | "SMTP_CONNECT_TIMEOUT"
     | "SMTP_GREETING_TIMEOUT"
     | "SMTP_COMMAND_TIMEOUT"
@@ -138,7 +140,7 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
     for (let i = 0; ; i++) {
       try {
         await bus.publish(subjects.status(r.outcome), RecipientStatus, status, {
-          msgId: `${request.dispatchId}:${r.address}:${r.outcome}`,
+          msgId: statusMsgId(request.dispatchId, r.address, r.outcome),
           headers: { [WORKER_HEADER]: workerId },
         });
         return;
@@ -201,7 +203,7 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
     }
 
     const destination = request.destination.domain;
-    if (!limiter.tryAcquire(destination)) {
+    if (!(await limiter.acquire(destination, config.DESTINATION_WAIT))) {
       busy.inc();
       return outcome.retry(jitter(config.DESTINATION_BUSY_DELAY), "destination busy");
     }
@@ -236,6 +238,16 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
           const r = await runTransaction(request, txDeps);
           for (const o of ["delivered", "deferred", "bounced"] as const) {
             span.setAttribute(`mail.${o}.count`, r.filter((x) => x.outcome === o).length);
+          }
+          // the attempt's answer at a glance: the reply when every recipient got the same one
+          const first = r[0];
+          if (
+            first &&
+            r.every((x) => x.reply.code === first.reply.code && x.reply.enhanced === first.reply.enhanced)
+          ) {
+            span.setAttribute(attr.replyCode, first.reply.code);
+            span.setAttribute(attr.replyEnhanced, first.reply.enhanced);
+            span.setAttribute(attr.outcome, first.outcome);
           }
           return r;
         },

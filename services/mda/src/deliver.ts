@@ -14,6 +14,7 @@ import {
   type Reply,
   replies,
   reply,
+  statusMsgId,
   subjects,
 } from "@mailpipe/contracts";
 import type { Directory } from "@mailpipe/directory";
@@ -36,12 +37,11 @@ export const MAX_BUFFERED_BODY = 1024 * 1024;
 const MARKER_TTL_SECONDS = 7 * 24 * 3600;
 
 /** ENOSPC / EDQUOT: the disk, not the mailbox, is full (RFC 3463 X.3.1). */
-export const insufficientStorage = (): Reply => reply(452, "4.3.1", "Insufficient system storage");
 
 /** The temporary reply for a failed copy; paths and stack traces stay in the log. */
 export function replyForError(err: unknown): Reply {
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
-  return code === "ENOSPC" || code === "EDQUOT" ? insufficientStorage() : replies.localError();
+  return code === "ENOSPC" || code === "EDQUOT" ? replies.insufficientStorage() : replies.localError();
 }
 
 /** `mda:done:<queueId>:<address>`: set once a copy is in new/, checked before writing one. */
@@ -231,7 +231,7 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
       remoteMta,
     };
     await bus.publish(subjects.status(result), RecipientStatus, status, {
-      msgId: `${request.dispatchId}:${rcpt.address}:${result}`,
+      msgId: statusMsgId(request.dispatchId, rcpt.address, result),
     });
     bus.emit({
       type: result,

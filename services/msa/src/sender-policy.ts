@@ -1,6 +1,5 @@
 import { parseAddress, type Reply, replies } from "@mailpipe/contracts";
 import addressparser from "nodemailer/lib/addressparser/index.js";
-import { msaReplies } from "./replies.ts";
 
 /** What sender authorization needs from the directory. */
 export interface SendAsCheck {
@@ -9,7 +8,7 @@ export interface SendAsCheck {
 
 /** The MAIL FROM check: the null sender is refused, any other address must be the user's. */
 export function checkEnvelopeSender(dir: SendAsCheck, user: string, mailFrom: string): Reply | undefined {
-  if (mailFrom === "") return msaReplies.nullSender();
+  if (mailFrom === "") return replies.nullSenderRefused();
   return dir.canSendAs(user, mailFrom) ? undefined : replies.senderNotOwned(mailFrom);
 }
 
@@ -33,10 +32,10 @@ export function checkHeaderFrom(
   user: string,
   fromValues: readonly string[],
 ): HeaderFromResult {
-  if (fromValues.length === 0) return { ok: false, reply: msaReplies.noFromHeader() };
-  if (fromValues.length > 1) return { ok: false, reply: msaReplies.manyFromHeaders() };
+  if (fromValues.length === 0) return { ok: false, reply: replies.noFromHeader() };
+  if (fromValues.length > 1) return { ok: false, reply: replies.manyFromHeaders() };
   const addresses = fromAddresses(fromValues[0]!);
-  if (addresses.length === 0) return { ok: false, reply: msaReplies.badFromHeader() };
+  if (addresses.length === 0) return { ok: false, reply: replies.badFromHeader() };
   for (const address of addresses) {
     if (!dir.canSendAs(user, address)) return { ok: false, reply: replies.senderNotOwned(address) };
   }

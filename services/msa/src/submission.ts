@@ -6,7 +6,6 @@ import type { AuthGuard, Verdict } from "./auth-guard.ts";
 import type { DkimSigner } from "./dkim-signer.ts";
 import { submissionFixups } from "./fixups.ts";
 import type { MessageRateLimiter } from "./rate-limit.ts";
-import { msaReplies } from "./replies.ts";
 import { checkEnvelopeSender, checkHeaderFrom } from "./sender-policy.ts";
 
 export interface SubmissionPolicyOptions {
@@ -114,7 +113,7 @@ export function createSubmissionPolicy(o: SubmissionPolicyOptions): SubmissionPo
           { err: (err as Error).message, ip: client.ip },
           "brute-force store unavailable; refusing AUTH for now",
         );
-        throw new SmtpError(msaReplies.authUnavailable(), { cause: err });
+        throw new SmtpError(replies.authUnavailable(), { cause: err });
       }
       if (verdict.locked) {
         const st = stateOf(client);

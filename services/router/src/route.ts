@@ -98,10 +98,13 @@ export function createRouteHandler(ctx: RouterContext) {
         );
 
         if (local.length > 0) {
+          // stamped before the publish: the mda may report before this event is emitted
+          const at = new Date().toISOString();
           const ids = await publishLocal(ctx, msg, local, { retry: false });
           ctx.metrics.routed.inc({ kind: "local" }, local.length);
           ctx.bus.emit({
             type: "routed",
+            at,
             queueId: mail.queueId,
             recipients: local.map((r) => r.address),
             attempt: 1,
@@ -161,10 +164,12 @@ async function routeDomain(
   const hosts = await lookupMailHosts(ctx, domain);
   const at = new Date(ctx.now()).toISOString();
   if (hosts.kind === "hosts") {
+    const at = new Date().toISOString(); // before the publish: delivery may report first
     const ids = await publishRemote(ctx, msg, domain, toMxHosts(hosts), rcpts, { retry: false });
     ctx.metrics.routed.inc({ kind: "remote" }, rcpts.length);
     ctx.bus.emit({
       type: "routed",
+      at,
       queueId: msg.queueId,
       recipients: rcpts.map((r) => r.address),
       destination: domain,

@@ -9,7 +9,6 @@ import { lookupMailHosts, publishLocal, publishRemote, toMxHosts } from "./dispa
 import { runDsnTask } from "./dsn-task.ts";
 import { mapLimit } from "./limit.ts";
 import { deferRecipient, finishRecipient } from "./outcomes.ts";
-import { routerReplies } from "./replies.ts";
 import { isExpired } from "./retry-policy.ts";
 import { contextFromTraceparent } from "./trace.ts";
 
@@ -144,7 +143,7 @@ async function endJob(ctx: RouterContext, msg: MessageRecord, job: RetryJob): Pr
   const r = job.recipient;
   const at = new Date(ctx.now()).toISOString();
   if (job.mark) {
-    const patch = { lastReply: routerReplies.deletedByOperator(), lastAttemptAt: at };
+    const patch = { lastReply: replies.deletedByOperator(), lastAttemptAt: at };
     await finishRecipient(ctx, msg, r, "bounced", patch, { dsn: job.mark === "bounce" });
     ctx.telemetry.log.info({ recipient: r.address, action: job.mark }, "recipient removed by the operator");
   } else {
