@@ -51,6 +51,19 @@ describe("Received header", () => {
     expect(h).toContain("with ESMTPSA id");
   });
 
+  it("names the authenticated user only when asked", () => {
+    const h = buildReceived({
+      ...base,
+      authenticated: true,
+      hideClient: true,
+      authenticatedUser: "alice@example.net",
+    });
+    expect(h.startsWith("Received: (Authenticated sender: alice@example.net)\r\n\tby mx.example.net")).toBe(
+      true,
+    );
+    expect(buildReceived({ ...base, authenticated: true, hideClient: true })).not.toContain("alice");
+  });
+
   it("cannot be bent by a HELO holding comment or clause delimiters", () => {
     const h = buildReceived({ ...base, helo: "evil) by x.test (; for <a@b>" });
     expect(h.split("\r\n")[0]).toBe("Received: from evil__by_x.test____for__a@b_ ([192.0.2.1])");

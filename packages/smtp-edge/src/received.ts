@@ -20,6 +20,8 @@ export interface ReceivedOptions {
    * setting, so a user's home IP address does not travel with their mail.
    */
   hideClient?: boolean;
+  /** the authenticated user, named in the field only when the operator asks for it (msa) */
+  authenticatedUser?: string | undefined;
 }
 
 /** RFC 3848 protocol names: SMTP, ESMTP, ESMTPA, ESMTPS, ESMTPSA. */
@@ -56,6 +58,7 @@ export function buildReceived(o: ReceivedOptions): string {
     const rdns = o.hostname ? `${token(o.hostname)} ` : "";
     lines.push(`from ${token(o.helo)} (${rdns}[${ip}])`);
   }
+  if (o.authenticatedUser) lines.push(`(Authenticated sender: ${token(o.authenticatedUser)})`);
   if (o.tls) lines.push(`(using ${token(o.tls.protocol)} with cipher ${token(o.tls.cipher)})`);
   const protocol = receivedProtocol({ esmtp: o.esmtp, tls: !!o.tls, authenticated: o.authenticated });
   lines.push(`by ${o.by} (mailpipe) with ${protocol} id ${o.queueId}`);

@@ -132,6 +132,8 @@ export interface SmtpEdgeOptions {
   maxReceivedHeaders?: number;
   /** leave the client's IP and HELO out of our Received field (msa privacy) */
   hideClientInReceived?: boolean;
+  /** name the authenticated user in our Received field (msa; off by default) */
+  authUserInReceived?: boolean;
   /** text after "ESMTP" in the greeting */
   banner?: string;
   /** storing and publishing one message may take this long before 451 (default 30 s) */
@@ -612,6 +614,7 @@ export async function createSmtpEdge(options: SmtpEdgeOptions): Promise<SmtpEdge
         authenticated: !!tx.client.user,
         recipients,
         hideClient: options.hideClientInReceived,
+        authenticatedUser: options.authUserInReceived ? tx.client.user : undefined,
       });
       const prepend = received + (decision?.prepend ?? []).map(ensureCrlf).join("");
       const accepted = await acceptMessage({

@@ -51,8 +51,11 @@ describe("msa config", () => {
       /RATE_RECIPIENTS_PER_MESSAGE/,
     );
     expect(() => parseConfig(msaConfig, { ...tls, AUTH_LOCKOUT: "soon" })).toThrow(/AUTH_LOCKOUT/);
-    expect(() => parseConfig(msaConfig, { ...tls, MSA_RECEIVED_AUTH_USER: "true" })).toThrow(
+    expect(() => parseConfig(msaConfig, { ...tls, MSA_RECEIVED_AUTH_USER: "perhaps" })).toThrow(
       /MSA_RECEIVED_AUTH_USER/,
+    );
+    expect(parseConfig(msaConfig, { ...tls, MSA_RECEIVED_AUTH_USER: "true" }).MSA_RECEIVED_AUTH_USER).toBe(
+      true,
     );
   });
 });

@@ -13,56 +13,44 @@ const count = (defaultValue: number, min = 0) => z.coerce.number().int().min(min
  * The submission service's environment. Listener, size, connection and timeout names are the same
  * as mx's where they mean the same thing; every default is in README.md.
  */
-export const msaConfig = baseConfig
-  .extend({
-    DIRECTORY_FILE: z.string().trim().min(1).default("/etc/mailpipe/directory.yaml"),
-    TLS_CERT_FILE: required("msa accepts logins only over TLS: the PEM certificate chain for 587 and 465"),
-    TLS_KEY_FILE: required("msa accepts logins only over TLS: the PEM private key of TLS_CERT_FILE"),
+export const msaConfig = baseConfig.extend({
+  DIRECTORY_FILE: z.string().trim().min(1).default("/etc/mailpipe/directory.yaml"),
+  TLS_CERT_FILE: required("msa accepts logins only over TLS: the PEM certificate chain for 587 and 465"),
+  TLS_KEY_FILE: required("msa accepts logins only over TLS: the PEM private key of TLS_CERT_FILE"),
 
-    MSA_HOST: z.string().min(1).default("0.0.0.0"),
-    /** STARTTLS, then AUTH (RFC 6409) */
-    MSA_SUBMISSION_PORT: port(587),
-    /** implicit TLS (RFC 8314) */
-    MSA_SUBMISSIONS_PORT: port(465),
+  MSA_HOST: z.string().min(1).default("0.0.0.0"),
+  /** STARTTLS, then AUTH (RFC 6409) */
+  MSA_SUBMISSION_PORT: port(587),
+  /** implicit TLS (RFC 8314) */
+  MSA_SUBMISSIONS_PORT: port(465),
 
-    MAX_MESSAGE_SIZE: byteSize("25M"),
-    MAX_CONNECTIONS: count(1000, 1),
-    MAX_CONNECTIONS_PER_IP: count(20, 1),
-    SMTP_IDLE_TIMEOUT: duration("5m"),
-    SMTP_DATA_TIMEOUT: duration("10m"),
-    SMTP_SESSION_TIMEOUT: duration("30m"),
-    SMTP_ACCEPT_TIMEOUT: duration("30s"),
-    /** more Received fields than this is a mail loop: 554 5.4.6 */
-    MAX_RECEIVED_HEADERS: count(50, 1),
-    /** expect a PROXY protocol v1 header from the load balancer, so brute-force counts, limits and logs see the client's IP */
-    MSA_PROXY_PROTOCOL: bool(false),
-    TLS_RELOAD_INTERVAL: duration("5s"),
+  MAX_MESSAGE_SIZE: byteSize("25M"),
+  MAX_CONNECTIONS: count(1000, 1),
+  MAX_CONNECTIONS_PER_IP: count(20, 1),
+  SMTP_IDLE_TIMEOUT: duration("5m"),
+  SMTP_DATA_TIMEOUT: duration("10m"),
+  SMTP_SESSION_TIMEOUT: duration("30m"),
+  SMTP_ACCEPT_TIMEOUT: duration("30s"),
+  /** more Received fields than this is a mail loop: 554 5.4.6 */
+  MAX_RECEIVED_HEADERS: count(50, 1),
+  /** expect a PROXY protocol v1 header from the load balancer, so brute-force counts, limits and logs see the client's IP */
+  MSA_PROXY_PROTOCOL: bool(false),
+  TLS_RELOAD_INTERVAL: duration("5s"),
 
-    AUTH_FAIL_WINDOW: duration("15m"),
-    AUTH_FAIL_SLOWDOWN_AFTER: count(3),
-    AUTH_FAIL_DELAY_STEP: duration("1s"),
-    AUTH_FAIL_DELAY_MAX: duration("5s"),
-    AUTH_FAIL_LIMIT_IP: count(10),
-    AUTH_FAIL_LIMIT_USER: count(5),
-    AUTH_LOCKOUT: duration("15m"),
-    AUTH_LOCKED_CLOSE_AFTER: count(3, 1),
+  AUTH_FAIL_WINDOW: duration("15m"),
+  AUTH_FAIL_SLOWDOWN_AFTER: count(3),
+  AUTH_FAIL_DELAY_STEP: duration("1s"),
+  AUTH_FAIL_DELAY_MAX: duration("5s"),
+  AUTH_FAIL_LIMIT_IP: count(10),
+  AUTH_FAIL_LIMIT_USER: count(5),
+  AUTH_LOCKOUT: duration("15m"),
+  AUTH_LOCKED_CLOSE_AFTER: count(3, 1),
 
-    RATE_MESSAGES_PER_HOUR: count(200),
-    RATE_RECIPIENTS_PER_MESSAGE: count(100, 1),
+  RATE_MESSAGES_PER_HOUR: count(200),
+  RATE_RECIPIENTS_PER_MESSAGE: count(100, 1),
 
-    MSA_RECEIVED_CLIENT_DETAILS: bool(false),
-    MSA_RECEIVED_AUTH_USER: bool(false),
-  })
-  .superRefine((c, ctx) => {
-    // smtp-edge builds the Received field and has no clause for the user yet: say so rather than ignore it
-    if (c.MSA_RECEIVED_AUTH_USER) {
-      ctx.addIssue({
-        code: "custom",
-        path: ["MSA_RECEIVED_AUTH_USER"],
-        message:
-          "naming the user in Received is not supported yet (smtp-edge's Received builder has no user clause); leave it false",
-      });
-    }
-  });
+  MSA_RECEIVED_CLIENT_DETAILS: bool(false),
+  MSA_RECEIVED_AUTH_USER: bool(false),
+});
 
 export type MsaConfig = z.infer<typeof msaConfig>;

@@ -77,6 +77,7 @@ export async function startMsa({ config, telemetry, bus, redis }: MsaDeps): Prom
     acceptTimeoutMs: config.SMTP_ACCEPT_TIMEOUT,
     maxReceivedHeaders: config.MAX_RECEIVED_HEADERS,
     hideClientInReceived: !config.MSA_RECEIVED_CLIENT_DETAILS,
+    authUserInReceived: config.MSA_RECEIVED_AUTH_USER,
   };
 
   const edges: SmtpEdge[] = [];
