@@ -33,6 +33,8 @@ export interface PipelineOptions {
   /** appended to the development directory (YAML text), or a whole directory file */
   directory?: string;
   tracing?: boolean;
+  /** extra node flags for every service, e.g. ["--cpu-prof"] */
+  nodeArgs?: string[];
 }
 
 export interface Pipeline {
@@ -111,6 +113,7 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
       const handle = await startService(name, {
         env: { ...env, ...opts.serviceEnv?.[name], ...extraEnv },
         readyTimeoutMs: 30_000,
+        ...(opts.nodeArgs ? { nodeArgs: opts.nodeArgs } : {}),
       });
       services.set(id, handle);
       return handle;

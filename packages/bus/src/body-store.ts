@@ -4,13 +4,28 @@ import type { BodyRef } from "@mailpipe/contracts";
 import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
 import { StorageType } from "@nats-io/jetstream";
 import { type ObjectStore, Objm } from "@nats-io/obj";
-import { nanos } from "@nats-io/transport-node";
-import { BodyIntegrityError, BodyNotFoundError } from "./errors.ts";
+import { nanos, headers as natsHeaders } from "@nats-io/transport-node";
+import { BodyIntegrityError, BodyNotFoundError, BusError } from "./errors.ts";
+
+function verified(ref: BodyRef, body: Buffer): Buffer {
+  const got = createHash("sha256").update(body).digest("hex");
+  if (body.length !== ref.size || got !== ref.sha256) {
+    throw new BodyIntegrityError(
+      `body ${ref.key} is corrupt: sha256 ${got} (${body.length} bytes), expected ${ref.sha256}`,
+    );
+  }
+  return body;
+}
 
 export type BodySource = Uint8Array | Iterable<Uint8Array> | AsyncIterable<Uint8Array>;
 
 /** Bodies up to this size are read with JetStream direct gets and held in memory once. */
 export const DIRECT_READ_MAX = 1024 * 1024;
+
+/** The Object Store's default chunk size; a body up to this size is one chunk. */
+export const CHUNK_SIZE = 128 * 1024;
+
+const KEY = /^[A-Za-z0-9_-]{1,128}$/;
 
 /** An object's metadata as the Object Store writes it (ADR-20); only what we read. */
 interface ObjectMeta {
@@ -30,11 +45,13 @@ class NotPlainObject extends Error {}
 export class BodyStore {
   readonly bucket: string;
   readonly #os: ObjectStore;
+  readonly #js: JetStreamClient;
   readonly #jsm: JetStreamManager;
 
-  private constructor(bucket: string, os: ObjectStore, jsm: JetStreamManager) {
+  private constructor(bucket: string, os: ObjectStore, js: JetStreamClient, jsm: JetStreamManager) {
     this.bucket = bucket;
     this.#os = os;
+    this.#js = js;
     this.#jsm = jsm;
   }
 
@@ -47,24 +64,75 @@ export class BodyStore {
   ): Promise<BodyStore> {
     const objm = new Objm(js);
     const os = await objm.create(bucket, { storage: StorageType.File, ttl: nanos(ttlMs), replicas });
-    return new BodyStore(bucket, os, jsm);
+    return new BodyStore(bucket, os, js, jsm);
   }
 
-  /** Streams a body in; returns its reference once JetStream has stored every chunk. */
+  /**
+   * Streams a body in; returns its reference once JetStream has stored every chunk and the
+   * object's metadata. Writes the Object Store's own layout (ADR-20: chunks on
+   * `$O.<bucket>.C.<nuid>`, metadata rolled up on `$O.<bucket>.M.<name>`), so `nats object get`
+   * reads it, but without the library's put: that one first looks the name up (a round trip),
+   * hashes in JavaScript and goes through web streams, which made it the costliest step of
+   * accepting a message. Keys are written once: the chunk subject is named after the key, and
+   * JetStream refuses a second write to it.
+   */
   async put(key: string, source: BodySource): Promise<BodyRef> {
+    if (!KEY.test(key)) throw new BusError(`body key ${JSON.stringify(key)} must be a subject token`);
     const hash = createHash("sha256");
+    const chunkSubject = `$O.${this.bucket}.C.${key}`;
     let size = 0;
+    let chunks = 0;
+    let pending: Buffer[] = [];
+    let pendingBytes = 0;
+    const flush = async (upTo: number) => {
+      const all = pending.length === 1 ? pending[0]! : Buffer.concat(pending, pendingBytes);
+      let offset = 0;
+      while (all.length - offset >= upTo && all.length - offset > 0) {
+        const n = Math.min(CHUNK_SIZE, all.length - offset);
+        const payload = all.subarray(offset, offset + n);
+        const h = natsHeaders();
+        // the first chunk must be the first message on its subject: a key is never written twice
+        if (chunks === 0) h.set("Nats-Expected-Last-Subject-Sequence", "0");
+        await this.#js.publish(chunkSubject, payload, { headers: h });
+        hash.update(payload);
+        chunks++;
+        size += n;
+        offset += n;
+      }
+      pending = offset < all.length ? [all.subarray(offset)] : [];
+      pendingBytes = all.length - offset;
+    };
     const iterable: AsyncIterable<Uint8Array> | Iterable<Uint8Array> =
       source instanceof Uint8Array ? [source] : source;
-    async function* counted() {
-      for await (const chunk of iterable) {
-        hash.update(chunk);
-        size += chunk.byteLength;
-        yield chunk;
-      }
+    for await (const chunk of iterable) {
+      pending.push(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength));
+      pendingBytes += chunk.byteLength;
+      if (pendingBytes >= CHUNK_SIZE) await flush(CHUNK_SIZE);
     }
-    await this.#os.put({ name: key }, ReadableStream.from(counted()));
-    return { bucket: this.bucket, key, size, sha256: hash.digest("hex") };
+    if (pendingBytes > 0) await flush(1);
+    const digest = hash.digest();
+    const meta = {
+      name: key,
+      description: "",
+      options: { max_chunk_size: CHUNK_SIZE },
+      bucket: this.bucket,
+      nuid: key,
+      size,
+      chunks,
+      mtime: new Date().toISOString(),
+      digest: `SHA-256=${digest.toString("base64").replaceAll("+", "-").replaceAll("/", "_")}`,
+      deleted: false,
+    };
+    const h = natsHeaders();
+    h.set("Nats-Rollup", "sub");
+    await this.#js.publish(this.#metaSubject(key), JSON.stringify(meta), { headers: h });
+    return { bucket: this.bucket, key, size, sha256: digest.toString("hex") };
+  }
+
+  /** `$O.<bucket>.M.<padded base64url of the name>`, as the Object Store names it. */
+  #metaSubject(key: string): string {
+    const b64 = Buffer.from(key, "utf8").toString("base64").replaceAll("+", "-").replaceAll("/", "_");
+    return `$O.${this.bucket}.M.${b64}`;
   }
 
   /**
@@ -137,6 +205,16 @@ export class BodyStore {
    */
   async #readDirect(ref: BodyRef): Promise<Buffer> {
     const stream = `OBJ_${ref.bucket}`;
+    if (ref.size > 0 && ref.size <= CHUNK_SIZE) {
+      // written by put(): one chunk, on the subject named after the key; one get, no metadata
+      let m: Awaited<ReturnType<JetStreamManager["direct"]["getMessage"]>> = null;
+      try {
+        m = await this.#jsm.direct.getMessage(stream, { last_by_subj: `$O.${ref.bucket}.C.${ref.key}` });
+      } catch {
+        m = null;
+      }
+      if (m) return verified(ref, Buffer.from(m.data));
+    }
     // the Object Store's padded base64url of the name
     const name = Buffer.from(ref.key, "utf8").toString("base64").replaceAll("+", "-").replaceAll("/", "_");
     let metaMsg: Awaited<ReturnType<JetStreamManager["direct"]["getMessage"]>>;
@@ -158,24 +236,15 @@ export class BodyStore {
       );
     }
     const subject = `$O.${ref.bucket}.C.${meta.nuid}`;
-    const hash = createHash("sha256");
     const chunks: Uint8Array[] = [];
     let seq = 0;
     for (let i = 0; i < meta.chunks; i++) {
       const m = await this.#jsm.direct.getMessage(stream, { seq: seq + 1, next_by_subj: subject });
       if (!m) break;
       seq = m.seq;
-      hash.update(m.data);
       chunks.push(m.data);
     }
-    const body = Buffer.concat(chunks);
-    const got = hash.digest("hex");
-    if (body.length !== ref.size || got !== ref.sha256) {
-      throw new BodyIntegrityError(
-        `body ${ref.key} is corrupt: sha256 ${got} (${body.length} bytes), expected ${ref.sha256}`,
-      );
-    }
-    return body;
+    return verified(ref, Buffer.concat(chunks));
   }
 
   async exists(key: string): Promise<boolean> {
@@ -183,14 +252,27 @@ export class BodyStore {
     return !!info && !info.deleted;
   }
 
-  /** Deletes a body; deleting one that is already gone is not an error. */
+  /**
+   * Deletes a body: its chunks are purged and its metadata becomes the Object Store's deletion
+   * marker. Deleting one that is already gone is not an error.
+   */
   async delete(key: string): Promise<void> {
-    try {
-      await this.#os.delete(key);
-    } catch (err) {
-      if (/not found/i.test((err as Error).message)) return;
-      throw err;
-    }
+    const h = natsHeaders();
+    h.set("Nats-Rollup", "sub");
+    const tombstone = {
+      name: key,
+      description: "",
+      options: { max_chunk_size: CHUNK_SIZE },
+      bucket: this.bucket,
+      nuid: key,
+      size: 0,
+      chunks: 0,
+      mtime: new Date().toISOString(),
+      digest: "",
+      deleted: true,
+    };
+    await this.#js.publish(this.#metaSubject(key), JSON.stringify(tombstone), { headers: h });
+    await this.#jsm.streams.purge(`OBJ_${this.bucket}`, { filter: `$O.${this.bucket}.C.${key}` });
   }
 
   /** Bytes and objects held, for metrics. */

@@ -12,6 +12,9 @@ const DOMAIN =
 
 /** Lower-cased ASCII (A-label) form of a domain, or null when it is not a valid host name. */
 export function normalizeDomain(domain: string): string | null {
+  // the common case, already normalised, without the IDNA conversion (this runs for every address
+  // of every message a service publishes or consumes)
+  if (DOMAIN.test(domain)) return domain;
   const trimmed = domain.trim().replace(/\.$/, "");
   if (trimmed === "" || trimmed.startsWith("[")) return null;
   const ascii = domainToASCII(trimmed.toLowerCase());

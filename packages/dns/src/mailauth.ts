@@ -38,8 +38,15 @@ export interface NodeDnsError extends Error {
 
 /** An error shaped like node's: `queryTxt ENOTFOUND example.com`, with code, syscall and hostname. */
 function nodeError(code: string, syscall: string, hostname: string, cause?: unknown): NodeDnsError {
-  const err = new Error(`${syscall} ${code} ${hostname}`, cause === undefined ? undefined : { cause });
-  return Object.assign(err, { code, syscall, hostname });
+  // "no such record" is an answer, thrown for every SPF/DMARC miss: a stack trace would only cost
+  const limit = Error.stackTraceLimit;
+  Error.stackTraceLimit = 0;
+  try {
+    const err = new Error(`${syscall} ${code} ${hostname}`, cause === undefined ? undefined : { cause });
+    return Object.assign(err, { code, syscall, hostname });
+  } finally {
+    Error.stackTraceLimit = limit;
+  }
 }
 
 /** The PTR owner name of an IP address: 127.0.0.2 -> 2.0.0.127.in-addr.arpa. */

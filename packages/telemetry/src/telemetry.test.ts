@@ -48,6 +48,17 @@ describe("telemetry", () => {
     expect(span.attributes[attr.queueId]).toBe("x");
   });
 
+  it("still gives log lines a trace id when no spans are exported", async () => {
+    const { lines, stream } = capture();
+    const t = createTelemetry({ service: "mda", logDestination: stream, defaultMetrics: false, env: {} });
+    expect(t.tracing.exporting).toBe(false);
+    await inSpan(t.tracer, "maildir.write", {}, async (span) => {
+      expect(span.isRecording()).toBe(false);
+      t.log.info("written");
+    });
+    expect(lines[0]).toMatchObject({ msg: "written", trace_id: expect.stringMatching(/^[0-9a-f]{32}$/) });
+  });
+
   it("never logs secrets", () => {
     const { lines, stream } = capture();
     const t = createTelemetry({ service: "msa", logDestination: stream, defaultMetrics: false });

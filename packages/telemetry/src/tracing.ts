@@ -12,6 +12,8 @@ import { W3CTraceContextPropagator } from "@opentelemetry/core";
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
 import { resourceFromAttributes } from "@opentelemetry/resources";
 import {
+  AlwaysOffSampler,
+  AlwaysOnSampler,
   BatchSpanProcessor,
   SimpleSpanProcessor,
   type SpanExporter,
@@ -74,7 +76,11 @@ export function createTracing({
     );
   }
   if (exporter) processors.push(new SimpleSpanProcessor({ exporter }));
+  // Nothing to export: spans still get ids (logs, events and the traceparent carry them) but are
+  // not recorded, which saves their cost. When exporting, record every span whatever the
+  // upstream flag says, so a service that exports still shows its part of a message's trace.
   const provider = new TracerProvider({
+    sampler: processors.length > 0 ? new AlwaysOnSampler() : new AlwaysOffSampler(),
     resource: resourceFromAttributes({
       "service.name": env.OTEL_SERVICE_NAME ?? service,
       "service.namespace": "mailpipe",
