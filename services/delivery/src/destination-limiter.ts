@@ -1,22 +1,24 @@
 /**
  * Transactions in flight per destination domain in this process, capped at `limit`. A request
  * for a full destination may wait briefly for a slot (a fast destination frees one within
- * milliseconds); at most `limit` wait per destination, so a hung one cannot fill the worker.
+ * milliseconds); at most `maxWaiters` wait per destination, so a hung one cannot fill the worker.
  */
 export class DestinationLimiter {
   readonly limit: number;
+  readonly maxWaiters: number;
   readonly #inFlight = new Map<string, number>();
   readonly #waiters = new Map<string, ((ok: boolean) => void)[]>();
 
-  constructor(limit: number) {
+  constructor(limit: number, maxWaiters = limit) {
     this.limit = limit;
+    this.maxWaiters = maxWaiters;
   }
 
   /** Takes a slot for `domain`, waiting up to `waitMs` for one; false when none came. */
   async acquire(domain: string, waitMs: number): Promise<boolean> {
     if (this.tryAcquire(domain)) return true;
     const queue = this.#waiters.get(domain) ?? [];
-    if (waitMs <= 0 || queue.length >= this.limit) return false;
+    if (waitMs <= 0 || queue.length >= this.maxWaiters) return false;
     this.#waiters.set(domain, queue);
     return new Promise<boolean>((resolve) => {
       const grant = (ok: boolean) => {

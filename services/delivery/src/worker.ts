@@ -112,7 +112,10 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
   metrics.gauge("delivery_pooled_connections", "Idle SMTP sessions kept for reuse", [], function () {
     this.set(connector.pool.idleCount);
   });
-  const limiter = new DestinationLimiter(config.DESTINATION_CONCURRENCY);
+  // Any number may wait for a destination's slot, each for at most DESTINATION_WAIT: a fast
+  // destination serves them within milliseconds, a hung one sends them back to JetStream within
+  // that time, freeing the worker's slots for the other destinations.
+  const limiter = new DestinationLimiter(config.DESTINATION_CONCURRENCY, config.DELIVERY_CONCURRENCY);
   const unreported = new Map<string, { results: RecipientResult[]; at: number }>();
   const txDeps = {
     connector,
