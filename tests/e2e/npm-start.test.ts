@@ -80,6 +80,18 @@ describe("npm start", () => {
     expect(message).toContain("Delivered-To: alice@example.test");
     expect(dir.startsWith(data.path)).toBe(true); // all data in the one data folder
 
+    // and the operator CLI, as the README runs it, follows that message
+    const { stdout: track } = await exec(
+      "npm",
+      ["run", "-s", "mailctl", "--", "track", "alice@example.test"],
+      {
+        cwd: repoRoot,
+        env,
+      },
+    );
+    expect(track).toMatch(/mx +received +alice@example\.test/);
+    expect(track).toMatch(/mda +delivered +alice@example\.test/);
+
     // Ctrl-C: the terminal signals the whole foreground group (npm, its shell, the supervisor)
     process.kill(-child.pid!, "SIGINT");
     const exit = await Promise.race([exited, new Promise((r) => setTimeout(() => r("timeout"), 45_000))]);
