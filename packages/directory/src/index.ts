@@ -13,4 +13,5 @@ export { addDomain, type DkimSettings, removeUser, setDkim, setUser, type UserCh
 export { DirectoryError, type DirectoryIssue } from "./errors.ts";
 export { DEFAULT_SCRYPT, hashPassword, type ScryptParams, verifyHash } from "./password.ts";
 export { DKIM_ALGORITHMS, type DkimAlgorithm, parseSize } from "./schema.ts";
+export { directoryFileSetting } from "./setting.ts";
 export { type DirectoryWatcher, type WatchOptions, watchDirectory } from "./watch.ts";

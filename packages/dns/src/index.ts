@@ -1,4 +1,5 @@
 export { createResolver, normalizeName } from "./client.ts";
+export { dnsServersSetting } from "./config.ts";
 export { type MailHost, type MailHosts, resolveMailHosts } from "./mail-hosts.ts";
 export {
   type MailauthAnswer,

@@ -1,4 +1,5 @@
 export { type Accepted, type AcceptInput, acceptMessage } from "./accept.ts";
+export { edgeConfig, edgeLimits } from "./config.ts";
 export {
   type HeaderField,
   headerBlock,

@@ -1,3 +1,4 @@
+import { directoryFileSetting } from "@mailpipe/directory";
 import { baseConfig, bool, duration } from "@mailpipe/service-kit";
 import { z } from "zod";
 
@@ -5,7 +6,7 @@ import { z } from "zod";
 export const config = baseConfig.extend({
   /** mailboxes live in <MAILDIR_ROOT>/<domain>/<local part>/Maildir */
   MAILDIR_ROOT: z.string().min(1).default("/var/lib/mailpipe/mail"),
-  DIRECTORY_FILE: z.string().min(1).default("/etc/mailpipe/directory.yaml"),
+  DIRECTORY_FILE: directoryFileSetting(),
   /** requests handled at once by this process */
   MDA_CONCURRENCY: z.coerce.number().int().min(1).max(1024).default(32),
   /** fsync files and directories before reporting delivered; turn off only for benchmarks */

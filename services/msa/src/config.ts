@@ -1,4 +1,6 @@
-import { baseConfig, bool, byteSize, duration, port } from "@mailpipe/service-kit";
+import { directoryFileSetting } from "@mailpipe/directory";
+import { baseConfig, bool, duration, port } from "@mailpipe/service-kit";
+import { edgeConfig } from "@mailpipe/smtp-edge";
 import { z } from "zod";
 
 const required = (what: string) =>
@@ -14,7 +16,7 @@ const count = (defaultValue: number, min = 0) => z.coerce.number().int().min(min
  * as mx's where they mean the same thing; every default is in README.md.
  */
 export const msaConfig = baseConfig.extend({
-  DIRECTORY_FILE: z.string().trim().min(1).default("/etc/mailpipe/directory.yaml"),
+  DIRECTORY_FILE: directoryFileSetting(),
   TLS_CERT_FILE: required("msa accepts logins only over TLS: the PEM certificate chain for 587 and 465"),
   TLS_KEY_FILE: required("msa accepts logins only over TLS: the PEM private key of TLS_CERT_FILE"),
 
@@ -24,18 +26,9 @@ export const msaConfig = baseConfig.extend({
   /** implicit TLS (RFC 8314) */
   MSA_SUBMISSIONS_PORT: port(465),
 
-  MAX_MESSAGE_SIZE: byteSize("25M"),
-  MAX_CONNECTIONS: count(1000, 1),
-  MAX_CONNECTIONS_PER_IP: count(20, 1),
-  SMTP_IDLE_TIMEOUT: duration("5m"),
-  SMTP_DATA_TIMEOUT: duration("10m"),
-  SMTP_SESSION_TIMEOUT: duration("30m"),
-  SMTP_ACCEPT_TIMEOUT: duration("30s"),
-  /** more Received fields than this is a mail loop: 554 5.4.6 */
-  MAX_RECEIVED_HEADERS: count(50, 1),
+  ...edgeConfig,
   /** expect a PROXY protocol v1 header from the load balancer, so brute-force counts, limits and logs see the client's IP */
   MSA_PROXY_PROTOCOL: bool(false),
-  TLS_RELOAD_INTERVAL: duration("5s"),
 
   AUTH_FAIL_WINDOW: duration("15m"),
   AUTH_FAIL_SLOWDOWN_AFTER: count(3),

@@ -1,6 +1,6 @@
 import type { Bus } from "@mailpipe/bus";
 import { type DirectoryWatcher, watchDirectory } from "@mailpipe/directory";
-import { createSmtpEdge, type SmtpEdge, type SmtpEdgeOptions } from "@mailpipe/smtp-edge";
+import { createSmtpEdge, edgeLimits, type SmtpEdge, type SmtpEdgeOptions } from "@mailpipe/smtp-edge";
 import type { Telemetry } from "@mailpipe/telemetry";
 import type { Redis } from "ioredis";
 import { AuthGuard } from "./auth-guard.ts";
@@ -64,18 +64,10 @@ export async function startMsa({ config, telemetry, bus, redis }: MsaDeps): Prom
     hooks: policy.hooks,
     host: config.MSA_HOST,
     tls: { certFile: config.TLS_CERT_FILE, keyFile: config.TLS_KEY_FILE },
-    tlsPollIntervalMs: config.TLS_RELOAD_INTERVAL,
+    ...edgeLimits(config),
     useProxy: config.MSA_PROXY_PROTOCOL,
-    maxMessageSize: config.MAX_MESSAGE_SIZE,
     // ours answers first (with its metric); smtp-server's own check stays as the backstop
     maxRecipients: config.RATE_RECIPIENTS_PER_MESSAGE + 1,
-    maxConnections: config.MAX_CONNECTIONS,
-    maxConnectionsPerIp: config.MAX_CONNECTIONS_PER_IP,
-    idleTimeoutMs: config.SMTP_IDLE_TIMEOUT,
-    dataTimeoutMs: config.SMTP_DATA_TIMEOUT,
-    sessionTimeoutMs: config.SMTP_SESSION_TIMEOUT,
-    acceptTimeoutMs: config.SMTP_ACCEPT_TIMEOUT,
-    maxReceivedHeaders: config.MAX_RECEIVED_HEADERS,
     hideClientInReceived: !config.MSA_RECEIVED_CLIENT_DETAILS,
     authUserInReceived: config.MSA_RECEIVED_AUTH_USER,
   };

@@ -1,5 +1,7 @@
-import { parseServerList } from "@mailpipe/dns";
-import { baseConfig, bool, byteSize, duration, port } from "@mailpipe/service-kit";
+import { directoryFileSetting } from "@mailpipe/directory";
+import { dnsServersSetting } from "@mailpipe/dns";
+import { baseConfig, bool, port } from "@mailpipe/service-kit";
+import { edgeConfig } from "@mailpipe/smtp-edge";
 import { z } from "zod";
 
 const count = (defaultValue: number, min = 1) => z.coerce.number().int().min(min).default(defaultValue);
@@ -15,36 +17,17 @@ export const mxConfig = baseConfig
   .extend({
     MX_HOST: z.string().min(1).default("0.0.0.0"),
     MX_PORT: port(25),
-    MAX_MESSAGE_SIZE: byteSize("25M"),
+    ...edgeConfig,
+    /** per transaction: 452 4.5.3 beyond */
     MAX_RECIPIENTS: count(100),
-    MAX_CONNECTIONS: count(1000),
-    MAX_CONNECTIONS_PER_IP: count(20),
-    SMTP_IDLE_TIMEOUT: duration("5m"),
-    SMTP_DATA_TIMEOUT: duration("10m"),
-    SMTP_SESSION_TIMEOUT: duration("30m"),
-    /** storing + publishing one message may take this long before the client gets 451 */
-    SMTP_ACCEPT_TIMEOUT: duration("30s"),
-    /** more Received fields than this is a mail loop: 554 5.4.6 */
-    MAX_RECEIVED_HEADERS: count(50),
     /** expect a PROXY protocol v1 header from the load balancer, so limits, SPF and logs see the client's IP */
     MX_PROXY_PROTOCOL: bool(false),
-    DIRECTORY_FILE: z.string().min(1).default("/etc/mailpipe/directory.yaml"),
+    DIRECTORY_FILE: directoryFileSetting(),
     /** host[:port] list for SPF/DKIM/DMARC/ARC and reverse lookups; empty: the nameservers of /etc/resolv.conf */
-    DNS_SERVERS: z
-      .string()
-      .default("")
-      .transform((v, ctx) => {
-        try {
-          return parseServerList(v);
-        } catch (err) {
-          ctx.addIssue({ code: "custom", message: (err as Error).message });
-          return z.NEVER;
-        }
-      }),
+    DNS_SERVERS: dnsServersSetting(),
     /** PEM certificate chain and key for STARTTLS; without both, STARTTLS is not offered */
     TLS_CERT_FILE: optionalFile,
     TLS_KEY_FILE: optionalFile,
-    TLS_RELOAD_INTERVAL: duration("5s"),
   })
   .superRefine((c, ctx) => {
     if (!!c.TLS_CERT_FILE !== !!c.TLS_KEY_FILE) {

@@ -2,7 +2,13 @@ import type { Bus } from "@mailpipe/bus";
 import { replies, SmtpError } from "@mailpipe/contracts";
 import { type DirectoryWatcher, watchDirectory } from "@mailpipe/directory";
 import { createResolver, type DnsResolver, mailauthResolver, reverseName } from "@mailpipe/dns";
-import { createSmtpEdge, type EdgeHooks, type SmtpEdge, type Transaction } from "@mailpipe/smtp-edge";
+import {
+  createSmtpEdge,
+  type EdgeHooks,
+  edgeLimits,
+  type SmtpEdge,
+  type Transaction,
+} from "@mailpipe/smtp-edge";
 import type { Telemetry } from "@mailpipe/telemetry";
 import type { MxConfig } from "./config.ts";
 import { authenticateMessage, checkSpf, dmarcDecision, transactionResolver } from "./mail-auth.ts";
@@ -153,21 +159,13 @@ export async function startMx({ config, telemetry, bus, resolver: given }: MxDep
         config.TLS_CERT_FILE && config.TLS_KEY_FILE
           ? { certFile: config.TLS_CERT_FILE, keyFile: config.TLS_KEY_FILE }
           : undefined,
-      tlsPollIntervalMs: config.TLS_RELOAD_INTERVAL,
+      ...edgeLimits(config),
       useProxy: config.MX_PROXY_PROTOCOL,
       reverseLookup: async (ip) => {
         const answer = await resolver.query(reverseName(ip), "PTR");
         return answer.answers.flatMap((r) => (r.type === "PTR" ? [r.target] : []));
       },
-      maxMessageSize: config.MAX_MESSAGE_SIZE,
       maxRecipients: config.MAX_RECIPIENTS,
-      maxConnections: config.MAX_CONNECTIONS,
-      maxConnectionsPerIp: config.MAX_CONNECTIONS_PER_IP,
-      idleTimeoutMs: config.SMTP_IDLE_TIMEOUT,
-      dataTimeoutMs: config.SMTP_DATA_TIMEOUT,
-      sessionTimeoutMs: config.SMTP_SESSION_TIMEOUT,
-      acceptTimeoutMs: config.SMTP_ACCEPT_TIMEOUT,
-      maxReceivedHeaders: config.MAX_RECEIVED_HEADERS,
     });
     await edge.listen();
   } catch (err) {

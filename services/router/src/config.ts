@@ -1,22 +1,13 @@
-import { parseServerList } from "@mailpipe/dns";
+import { directoryFileSetting } from "@mailpipe/directory";
+import { dnsServersSetting } from "@mailpipe/dns";
 import { baseConfig, duration, durationList } from "@mailpipe/service-kit";
 import { z } from "zod";
 
 /** router's environment (README.md lists every variable with its default). */
 export const config = baseConfig.extend({
-  DIRECTORY_FILE: z.string().min(1).default("/etc/mailpipe/directory.yaml"),
+  DIRECTORY_FILE: directoryFileSetting(),
   /** host[:port] list for MX/A/AAAA lookups; empty: the nameservers of /etc/resolv.conf */
-  DNS_SERVERS: z
-    .string()
-    .default("")
-    .transform((v, ctx) => {
-      try {
-        return parseServerList(v);
-      } catch (err) {
-        ctx.addIssue({ code: "custom", message: (err as Error).message });
-        return z.NEVER;
-      }
-    }),
+  DNS_SERVERS: dnsServersSetting(),
   /** wait after attempt 1, 2, …; after the last, its interval repeats */
   RETRY_SCHEDULE: durationList("1m,5m,15m,30m,1h,2h,4h"),
   /** ± this fraction of each interval, per recipient, so retries of a burst spread out */
