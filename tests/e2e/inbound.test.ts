@@ -292,7 +292,7 @@ describe("inbound: load and crashes", () => {
     );
     t.close();
     for (const who of ["dave@example.test", "erin@example.test"]) {
-      const files = await waitFor(
+      await waitFor(
         async () => {
           const f = (await p.mailbox(who)).filter((x) => x.content.includes("Subject: load"));
           return f.length >= 500 ? f : false;

@@ -1,5 +1,5 @@
 import { isIPv6, type Socket } from "node:net";
-import { replies, reply } from "@mailpipe/contracts";
+import { replies } from "@mailpipe/contracts";
 import mxConnect, { type MxConnectError } from "mx-connect";
 import { ConnectionPool, type PoolOptions } from "./connection-pool.ts";
 import { type SessionTimeouts, SmtpFailure, SmtpSession, type TlsMode } from "./smtp-session.ts";

@@ -13,7 +13,6 @@ import {
   RecipientStatus,
   type Reply,
   replies,
-  reply,
   statusMsgId,
   subjects,
 } from "@mailpipe/contracts";
