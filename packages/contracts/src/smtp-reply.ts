@@ -105,6 +105,13 @@ export const replies = {
   connectionFailed: (detail: string) => reply(451, "4.4.1", `Could not connect: ${detail}`),
   connectionLost: (detail: string) => reply(451, "4.4.2", `Connection lost: ${detail}`),
   expired: (detail = "Delivery time expired, giving up") => reply(554, "5.4.7", detail),
+  /** no worker ever reported on an attempt (the router's STALE_DISPATCH watchdog) */
+  noDeliveryResult: (retrying = false) =>
+    reply(
+      451,
+      "4.4.7",
+      retrying ? "No delivery result reported, trying again" : "No delivery result reported",
+    ),
   tlsFailed: (detail: string) => reply(451, "4.7.5", `TLS negotiation failed: ${detail}`),
   smtputf8Unsupported: (exchange: string) =>
     reply(553, "5.6.7", `${exchange} does not support SMTPUTF8, which this message requires`),

@@ -326,3 +326,141 @@ describe("retry schedule", () => {
     expect((await q.getMessage(queueId))?.message.open).toBe(3);
   });
 });
+
+describe("waiting for a worker's result (watchdog)", () => {
+  const noResult = { code: 451, enhanced: "4.4.7", text: "No delivery result reported" };
+
+  it("indexes dispatched recipients until they are final or scheduled, and claims only the silent ones", async () => {
+    const q = new MailQueue(client());
+    const m = message();
+    const t0 = Date.now() - 10_000;
+    await q.createMessage(
+      m,
+      [
+        remote("a@remote.test"),
+        remote("b@remote.test"),
+        remote("c@remote.test"),
+        remote("gone@remote.test", { state: "bounced", lastReply: replies.noSuchUser() }),
+      ],
+      t0,
+    );
+    expect(await q.dispatchedAt(m.queueId, "r:a@remote.test")).toBe(t0);
+    expect(await q.dispatchedAt(m.queueId, "r:gone@remote.test")).toBeNull();
+    // b reported in time (delivered), c was deferred: neither waits for a result any more
+    await q.finishRecipient(m.queueId, "r:b@remote.test", 1, "delivered", deferred(), { dsn: false });
+    await q.scheduleRetry(m.queueId, "r:c@remote.test", 1, Date.now() + 3600_000, deferred(), {
+      delayNotice: false,
+    });
+    expect(await q.dispatchedAt(m.queueId, "r:b@remote.test")).toBeNull();
+    expect(await q.dispatchedAt(m.queueId, "r:c@remote.test")).toBeNull();
+
+    const now = Date.now();
+    expect(await q.claimStale(now, t0 - 1, 10, 60_000, noResult)).toEqual([]);
+    const jobs = await q.claimStale(now, now - 5000, 10, 60_000, noResult);
+    expect(jobs).toHaveLength(1);
+    expect(jobs[0]).toMatchObject({
+      id: `${m.queueId}:r:a@remote.test`,
+      kind: "retry",
+      queueId: m.queueId,
+      receivedAt: m.receivedAt,
+      traceparent: m.traceparent,
+      stale: { dispatchedAt: new Date(t0).toISOString() },
+      recipient: { rid: "r:a@remote.test", attempt: 2, state: "pending", lastReply: noResult },
+    });
+    expect(await q.claimStale(now, now, 10, 60_000, noResult)).toEqual([]);
+    expect(await q.stats()).toMatchObject({ scheduled: 1, inFlight: 1 });
+
+    // the silent attempt's late status is stale; the recipient is on attempt 2 now
+    const late = await q.finishRecipient(m.queueId, "r:a@remote.test", 1, "delivered", deferred(), {
+      dsn: false,
+    });
+    expect(late.status).toBe("stale");
+    expect((await q.getRecipients(m.queueId, ["r:a@remote.test"]))[0]).toMatchObject({
+      attempt: 2,
+      state: "pending",
+    });
+
+    // attempt 2 published and acked: the recipient waits for its result from then on
+    expect(await q.completeDispatched(jobs, now + 100)).toBe(1);
+    expect(await q.dispatchedAt(m.queueId, "r:a@remote.test")).toBe(now + 100);
+    expect(await q.stats()).toMatchObject({ scheduled: 1, inFlight: 0 });
+    const done = await q.finishRecipient(m.queueId, "r:a@remote.test", 2, "delivered", deferred(), {
+      dsn: false,
+    });
+    expect(done.status).toBe("ok");
+    expect(await q.dispatchedAt(m.queueId, "r:a@remote.test")).toBeNull();
+  });
+
+  it("does not wait again for a recipient whose status arrived before its job was completed", async () => {
+    const q = new MailQueue(client());
+    const queueId = await scheduled(q, 2, Date.now() - 10);
+    const jobs = (await q.claim(Date.now(), 10, 60_000)) as RetryJob[];
+    expect(jobs).toHaveLength(2);
+    const [a, b] = jobs as [RetryJob, RetryJob];
+    // attempt 2 of a was delivered, of b deferred again, before the scheduler completed the jobs
+    await q.finishRecipient(queueId, a.recipient.rid, 2, "delivered", deferred(), { dsn: false });
+    await q.scheduleRetry(queueId, b.recipient.rid, 2, Date.now() + 60_000, deferred(), {
+      delayNotice: false,
+    });
+    expect(await q.completeDispatched(jobs)).toBe(0);
+    expect(await q.dispatchedAt(queueId, a.recipient.rid)).toBeNull();
+    expect(await q.dispatchedAt(queueId, b.recipient.rid)).toBeNull();
+    expect(await q.stats()).toMatchObject({ scheduled: 1, inFlight: 0 });
+  });
+
+  it("never gives one silent recipient to two concurrent watchdogs, and keeps the mark across a lost lease", async () => {
+    const q = new MailQueue(client());
+    const t0 = Date.now() - 60_000;
+    const queueIds: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      const m = message();
+      queueIds.push(m.queueId);
+      await q.createMessage(
+        m,
+        Array.from({ length: 25 }, (_, n) => remote(`user${n}@remote.test`, { seq: n })),
+        t0,
+      );
+    }
+    const claimers = [new MailQueue(client()), new MailQueue(client())];
+    const got: string[][] = [[], []];
+    await Promise.all(
+      claimers.map(async (c, i) => {
+        for (let round = 0; round < 100; round++) {
+          const jobs = await c.claimStale(Date.now(), Date.now() - 1000, 7, 100, noResult);
+          if (jobs.length === 0) break;
+          for (const j of jobs) got[i]!.push(j.id);
+        }
+      }),
+    );
+    expect(got[0]!.length + got[1]!.length).toBe(100);
+    expect(new Set([...got[0]!, ...got[1]!]).size).toBe(100);
+    const state = await q.getMessage(queueIds[0]!);
+    expect(state?.recipients.every((r) => r.attempt === 2)).toBe(true);
+
+    // a watchdog that died after claiming: the job comes back as a retry, still marked
+    expect(await q.releaseExpiredLeases(Date.now() + 1000)).toBe(100);
+    const again = (await q.claim(Date.now() + 1000, 200, 60_000)) as RetryJob[];
+    expect(again).toHaveLength(100);
+    expect(again.every((j) => j.stale?.dispatchedAt === new Date(t0).toISOString())).toBe(true);
+    expect(again.every((j) => j.recipient.attempt === 2)).toBe(true);
+  });
+
+  it("drops index entries of recipients that need nothing any more", async () => {
+    const redis = client();
+    const q = new MailQueue(redis);
+    const m = message();
+    await q.createMessage(m, [remote("a@remote.test")], Date.now() - 10_000);
+    // an entry left for a message whose state is gone
+    await redis.zadd(
+      "mailpipe:dispatched",
+      Date.now() - 10_000,
+      "01JZZZZZZZZZZZZZZZZZZZZZZZ:r:x@remote.test",
+    );
+    const done = await q.finishRecipient(m.queueId, "r:a@remote.test", 1, "delivered", deferred(), {
+      dsn: false,
+    });
+    expect(done.status === "ok" && done.finalized).toBe(m.receivedAt);
+    expect(await q.claimStale(Date.now(), Date.now(), 10, 60_000, noResult)).toEqual([]);
+    expect(await redis.zcard("mailpipe:dispatched")).toBe(0);
+  });
+});

@@ -2,7 +2,9 @@ import { BodyRef, Reply } from "@mailpipe/contracts";
 import type { Redis, Result } from "ioredis";
 import {
   CLAIM,
+  CLAIM_STALE,
   COMPLETE,
+  COMPLETE_DISPATCHED,
   COMPLETE_DSN,
   CREATE_MESSAGE,
   FINISH_RECIPIENT,
@@ -23,6 +25,7 @@ import type {
   OutcomePatch,
   QueueStats,
   RecipientRecord,
+  RetryJob,
   ScheduledEntry,
   ScheduleResult,
 } from "./types.ts";
@@ -35,6 +38,8 @@ declare module "ioredis" {
     mpFinishRecipient(...args: Arg[]): Result<string[], Context>;
     mpScheduleRetry(...args: Arg[]): Result<string[], Context>;
     mpClaim(...args: Arg[]): Result<[string, string[]][], Context>;
+    mpClaimStale(...args: Arg[]): Result<[string, string[]][], Context>;
+    mpCompleteDispatched(...args: Arg[]): Result<number, Context>;
     mpReleaseExpired(...args: Arg[]): Result<number, Context>;
     mpComplete(...args: Arg[]): Result<number, Context>;
     mpPrepareTask(...args: Arg[]): Result<string[] | null, Context>;
@@ -49,6 +54,8 @@ const COMMANDS = {
   mpFinishRecipient: FINISH_RECIPIENT,
   mpScheduleRetry: SCHEDULE_RETRY,
   mpClaim: CLAIM,
+  mpClaimStale: CLAIM_STALE,
+  mpCompleteDispatched: COMPLETE_DISPATCHED,
   mpReleaseExpired: RELEASE_EXPIRED,
   mpComplete: COMPLETE,
   mpPrepareTask: PREPARE_TASK,
@@ -320,6 +327,7 @@ export class MailQueue {
           receivedAt: f.receivedAt ?? "",
           ...(f.traceparent ? { traceparent: f.traceparent } : {}),
           ...(f.mark === "bounce" || f.mark === "drop" ? { mark: f.mark } : {}),
+          ...(f.stale ? { stale: { dispatchedAt: iso(Number(f.stale)) } } : {}),
         };
       }
       if (f.kind === "dsn" && (f.dsnKind === "failure" || f.dsnKind === "delay")) {
@@ -333,6 +341,55 @@ export class MailQueue {
     } catch {
       return null;
     }
+  }
+
+  /**
+   * The watchdog's claim: up to `limit` recipients still pending with no retry job, dispatched at
+   * or before `dispatchedBefore` and never heard of since (the request or its status was lost, or a
+   * worker dropped it). Each one atomically moves on to its next attempt with `lastReply`, so a late
+   * status for the silent attempt is stale, and comes back as a retry job leased until
+   * `now + leaseMs` with `stale` set. Two routers calling this at once never get the same recipient.
+   */
+  async claimStale(
+    now: number,
+    dispatchedBefore: number,
+    limit: number,
+    leaseMs: number,
+    lastReply: Reply,
+  ): Promise<RetryJob[]> {
+    const rows = await this.redis.mpClaimStale(
+      this.prefix,
+      now,
+      Math.floor(dispatchedBefore),
+      limit,
+      leaseMs,
+      JSON.stringify(lastReply),
+    );
+    const out: RetryJob[] = [];
+    for (const [id, flat] of rows) {
+      const job = this.#parseJob(id, flatToRecord(flat));
+      if (job?.kind === "retry") out.push(job);
+    }
+    return out;
+  }
+
+  /**
+   * Completes retry jobs whose re-dispatch was acked (like complete()), and starts waiting for the
+   * result of each recipient still pending on the attempt its job dispatched: from `now` on, the
+   * watchdog (claimStale) counts its silence.
+   */
+  async completeDispatched(
+    jobs: readonly { id: string; lease: string }[],
+    now = Date.now(),
+  ): Promise<number> {
+    if (jobs.length === 0) return 0;
+    return this.redis.mpCompleteDispatched(this.prefix, now, ...jobs.flatMap((j) => [j.id, j.lease]));
+  }
+
+  /** When a recipient was last handed to a worker without a result since (ms), or null. */
+  async dispatchedAt(queueId: string, rid: string): Promise<number | null> {
+    const score = await this.redis.zscore(`${this.prefix}dispatched`, `${queueId}:${rid}`);
+    return score === null ? null : Number(score);
   }
 
   /** Removes jobs whose work is done (re-dispatch acked), as long as the caller's lease still holds them. */

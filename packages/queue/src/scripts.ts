@@ -17,8 +17,12 @@ local DUE = P .. "due"
 local TASKS = P .. "tasks"
 local LEASE = P .. "lease"
 local MESSAGES = P .. "messages"
+-- recipients handed to a worker and not heard of since, by dispatch time; member = the retry job id
+local DISPATCHED = P .. "dispatched"
 
+-- also ends the recipient's wait for a worker's result: it is final now, or has a retry job
 local function drop_job(id)
+  redis.call("ZREM", DISPATCHED, id)
   redis.call("ZREM", DUE, id)
   redis.call("ZREM", TASKS, id)
   redis.call("ZREM", LEASE, id)
@@ -72,6 +76,8 @@ if redis.call("EXISTS", mk) == 0 then
       total = total + 1
       if r.state == "pending" then
         open = open + 1
+        -- the router publishes right after this: from now on it waits for the worker's result
+        redis.call("ZADD", DISPATCHED, now, q .. ":" .. r.rid)
       elseif m.notices == "1" and r.notifyFailure then
         redis.call("SADD", bkey(q), r.rid)
         bounced = true
@@ -211,6 +217,75 @@ for i = 2, #ARGV, 2 do
   end
 end
 return n
+`;
+
+/**
+ * ARGV: prefix, now, id1, token1, id2, token2, ... Completes re-dispatched retry jobs still held under
+ * those leases; a recipient still pending on the attempt its job dispatched then waits for a result
+ * from now on (DISPATCHED). Returns how many jobs were removed.
+ */
+export const COMPLETE_DISPATCHED = `${COMMON}
+local now = ARGV[2]
+local n = 0
+for i = 3, #ARGV, 2 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  local jk = jkey(id)
+  if redis.call("HGET", jk, "lease") == token then
+    local f = redis.call("HMGET", jk, "queueId", "rid", "recipient")
+    redis.call("DEL", jk)
+    redis.call("ZREM", LEASE, id)
+    n = n + 1
+    local raw = f[1] and f[2] and redis.call("HGET", rkey(f[1]), f[2])
+    if raw and f[3] then
+      local r = cjson.decode(raw)
+      if r.state == "pending" and tonumber(r.attempt) == tonumber(cjson.decode(f[3]).attempt) then
+        redis.call("ZADD", DISPATCHED, now, id)
+      end
+    end
+  end
+end
+return n
+`;
+
+/**
+ * ARGV: prefix, now, dispatchedBefore, limit, leaseMs, lastReplyJson. The watchdog: recipients still
+ * pending, with no retry job, dispatched at or before `dispatchedBefore` (their worker never
+ * reported). Each one moves on to its next attempt (so a late status for the old one is stale) with
+ * `lastReply`, as a retry job leased to the caller, marked `stale` = its dispatch time (ms).
+ * Entries that need nothing (final, gone, or with a job) are dropped. Returns {id, {field, value, ...}}.
+ */
+export const CLAIM_STALE = `${COMMON}
+local now = ARGV[2]
+local until_ = tonumber(now) + tonumber(ARGV[5])
+local out = {}
+local rows = redis.call("ZRANGEBYSCORE", DISPATCHED, "-inf", ARGV[3], "WITHSCORES", "LIMIT", 0, tonumber(ARGV[4]))
+for i = 1, #rows, 2 do
+  local id, since = rows[i], rows[i + 1]
+  redis.call("ZREM", DISPATCHED, id)
+  -- queue ids have no colon: the rid is everything after the first one
+  local sep = string.find(id, ":", 1, true)
+  if sep then
+    local q, rid = string.sub(id, 1, sep - 1), string.sub(id, sep + 1)
+    local mk, rk, jk = mkey(q), rkey(q), jkey(id)
+    local raw = redis.call("HGET", rk, rid)
+    if raw and redis.call("EXISTS", mk) == 1 and redis.call("EXISTS", jk) == 0 then
+      local r = cjson.decode(raw)
+      if r.state == "pending" then
+        r.attempt = tonumber(r.attempt) + 1
+        r.lastReply = cjson.decode(ARGV[6])
+        local encoded = cjson.encode(r)
+        redis.call("HSET", rk, rid, encoded)
+        local token = tostring(redis.call("INCR", P .. "seq"))
+        redis.call("HSET", jk, "kind", "retry", "queueId", q, "rid", rid, "recipient", encoded,
+          "receivedAt", redis.call("HGET", mk, "receivedAt"), "traceparent", redis.call("HGET", mk, "traceparent") or "",
+          "stale", since, "lease", token)
+        redis.call("ZADD", LEASE, until_, id)
+        out[#out + 1] = {id, redis.call("HGETALL", jk)}
+      end
+    end
+  end
+end
+return out
 `;
 
 /**

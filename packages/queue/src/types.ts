@@ -110,6 +110,11 @@ export interface RetryJob extends Leased {
   traceparent?: string;
   /** set by an operator (mailctl): bounce with a DSN, or drop without one */
   mark?: "bounce" | "drop";
+  /**
+   * set by the watchdog (claimStale): the recipient's previous attempt was dispatched at this ISO
+   * time and never reported; `recipient.attempt` is already the next one
+   */
+  stale?: { dispatchedAt: string };
 }
 
 export interface DsnJob extends Leased {

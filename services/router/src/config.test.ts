@@ -16,6 +16,7 @@ describe("router config", () => {
       SCHEDULER_INTERVAL: 1000,
       SCHEDULER_BATCH: 500,
       SCHEDULER_LEASE: 60_000,
+      STALE_DISPATCH: 3_600_000,
       DSN_BATCH_DELAY: 2000,
       PLUS_SEPARATOR: "+",
     });
@@ -30,7 +31,12 @@ describe("router config", () => {
   it("names every bad variable", () => {
     let message = "";
     try {
-      parseConfig(config, { RETRY_SCHEDULE: "1m,soon", DNS_SERVERS: "10.0.0.1:99999", RETRY_JITTER: "2" });
+      parseConfig(config, {
+        RETRY_SCHEDULE: "1m,soon",
+        DNS_SERVERS: "10.0.0.1:99999",
+        RETRY_JITTER: "2",
+        STALE_DISPATCH: "0",
+      });
     } catch (err) {
       expect(err).toBeInstanceOf(ConfigError);
       message = (err as Error).message;
@@ -38,5 +44,6 @@ describe("router config", () => {
     expect(message).toContain("RETRY_SCHEDULE");
     expect(message).toContain("DNS_SERVERS");
     expect(message).toContain("RETRY_JITTER");
+    expect(message).toContain("STALE_DISPATCH");
   });
 });

@@ -21,6 +21,11 @@ export const config = baseConfig.extend({
   SCHEDULER_BATCH: z.coerce.number().int().min(1).max(10_000).default(500),
   /** how long a claimed job stays with this replica before another may take it */
   SCHEDULER_LEASE: duration("60s"),
+  /**
+   * a recipient handed to a worker with no status back for this long is dispatched again (or
+   * expires): longer than any worker's legitimate silence (delivery heartbeats up to 1 h)
+   */
+  STALE_DISPATCH: duration("1h").refine((ms) => ms > 0, { message: "must be longer than 0" }),
   /** bounces of one message arriving within this time go into one DSN */
   DSN_BATCH_DELAY: duration("2s"),
   /** separates a local part from its +tag; empty turns plus-addressing off */

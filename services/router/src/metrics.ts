@@ -63,5 +63,14 @@ export function routerMetrics(metrics: Metrics, queue: MailQueue, log: Logger) {
     ),
     dispatched: metrics.counter("router_retries_dispatched_total", "Retry jobs re-dispatched", ["kind"]),
     scheduled: metrics.counter("router_retries_scheduled_total", "Retries written to the schedule"),
+    staleRedispatched: metrics.counter(
+      "router_stale_redispatched_total",
+      "Recipients dispatched again because no worker reported on the previous attempt (STALE_DISPATCH)",
+      ["kind"],
+    ),
+    staleExpired: metrics.counter(
+      "router_stale_expired_total",
+      "Recipients expired past QUEUE_LIFETIME with no worker report on their last attempt",
+    ),
   };
 }

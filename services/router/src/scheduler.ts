@@ -1,5 +1,7 @@
 // The scheduler loop: every SCHEDULER_INTERVAL, take due jobs from Redis (atomically, so several
 // router replicas share them) and act on them: re-dispatch retries, expire, send DSNs, delete bodies.
+// Its watchdog takes recipients no worker reported on within STALE_DISPATCH (a lost request or
+// status, a request a worker dropped) and sends them through the same retry path as the next attempt.
 import { destinationToken, replies } from "@mailpipe/contracts";
 import type { ClaimedJob, MessageRecord, RetryJob } from "@mailpipe/queue";
 import { attr, contextWithQueueId, inSpan } from "@mailpipe/telemetry";
@@ -28,7 +30,7 @@ function inMessageContext<T>(queueId: string, traceparent: string | undefined, f
 
 export function startScheduler(ctx: RouterContext): Scheduler {
   const { log } = ctx.telemetry;
-  const { SCHEDULER_INTERVAL, SCHEDULER_BATCH, SCHEDULER_LEASE } = ctx.config;
+  const { SCHEDULER_INTERVAL, SCHEDULER_BATCH, SCHEDULER_LEASE, STALE_DISPATCH } = ctx.config;
   let stopped = false;
   let timer: NodeJS.Timeout | undefined;
   let running: Promise<void> | undefined;
@@ -39,11 +41,18 @@ export function startScheduler(ctx: RouterContext): Scheduler {
     const released = await ctx.queue.releaseExpiredLeases(now);
     if (released > 0) log.warn({ released }, "jobs whose lease expired are due again");
     const jobs = await ctx.queue.claim(now, SCHEDULER_BATCH, SCHEDULER_LEASE);
-    if (jobs.length === 0) return;
+    const silent = await ctx.queue.claimStale(
+      now,
+      now - STALE_DISPATCH,
+      SCHEDULER_BATCH,
+      SCHEDULER_LEASE,
+      replies.noDeliveryResult(),
+    );
+    if (jobs.length === 0 && silent.length === 0) return;
     const tasks = jobs.filter((j) => j.kind !== "retry");
     const retries = jobs.filter((j): j is RetryJob => j.kind === "retry");
     await mapLimit(tasks, GROUP_CONCURRENCY, (job) => runTask(ctx, job));
-    await runRetries(ctx, retries);
+    await runRetries(ctx, [...retries, ...silent]);
   };
 
   const tick = async (): Promise<void> => {
@@ -114,7 +123,11 @@ async function runRetries(ctx: RouterContext, jobs: RetryJob[]): Promise<void> {
     }
     const rest: RetryJob[] = [];
     for (const job of list) {
-      if (job.mark || isExpired(ctx.policy, msg.receivedAt, ctx.now())) {
+      const expired = isExpired(ctx.policy, msg.receivedAt, ctx.now());
+      if (job.stale && !job.mark) {
+        await inMessageContext(queueId, msg.traceparent, async () => reportSilence(ctx, job, expired));
+      }
+      if (job.mark || expired) {
         await inMessageContext(queueId, msg.traceparent, () => endJob(ctx, msg, job));
       } else rest.push(job);
     }
@@ -138,6 +151,39 @@ async function runRetries(ctx: RouterContext, jobs: RetryJob[]): Promise<void> {
   );
 }
 
+/**
+ * The watchdog found a recipient no worker reported on: says so (warning and a `deferred` event
+ * when it is dispatched again; expiry has its own event). A job whose lease ran out says it again
+ * when it is claimed again.
+ */
+function reportSilence(ctx: RouterContext, job: RetryJob, expiring: boolean): void {
+  const r = job.recipient;
+  const since = job.stale!.dispatchedAt;
+  const waitedSeconds = Math.round((ctx.now() - Date.parse(since)) / 1000);
+  ctx.telemetry.log.warn(
+    {
+      recipient: r.address,
+      kind: r.kind,
+      attempt: r.attempt - 1,
+      dispatchedAt: since,
+      waitedSeconds,
+    },
+    expiring
+      ? "no delivery result reported and the queue lifetime is over: recipient expires"
+      : "no delivery result reported: dispatching the recipient again",
+  );
+  if (expiring) return;
+  ctx.bus.emit({
+    type: "deferred",
+    queueId: job.queueId,
+    recipient: r.address,
+    reply: replies.noDeliveryResult(true),
+    attempt: r.attempt - 1,
+    ...(r.kind === "remote" && r.domain ? { destination: r.domain } : {}),
+    detail: `no result for attempt ${r.attempt - 1} after ${waitedSeconds} s: attempt ${r.attempt} now`,
+  });
+}
+
 /** Operator marks and expiry: the recipient ends here instead of being tried again. */
 async function endJob(ctx: RouterContext, msg: MessageRecord, job: RetryJob): Promise<void> {
   const r = job.recipient;
@@ -149,10 +195,12 @@ async function endJob(ctx: RouterContext, msg: MessageRecord, job: RetryJob): Pr
   } else {
     const patch = {
       lastReply: r.lastReply ?? replies.expired(),
-      lastAttemptAt: r.lastAttemptAt ?? at,
-      ...(r.remoteMta ? { remoteMta: r.remoteMta } : {}),
+      // a silent attempt was last tried when it was dispatched, and no remote MTA answered it
+      lastAttemptAt: job.stale?.dispatchedAt ?? r.lastAttemptAt ?? at,
+      ...(r.remoteMta && !job.stale ? { remoteMta: r.remoteMta } : {}),
     };
-    await finishRecipient(ctx, msg, r, "expired", patch, { dsn: true });
+    const res = await finishRecipient(ctx, msg, r, "expired", patch, { dsn: true });
+    if (res.status === "ok" && job.stale) ctx.metrics.staleExpired.inc();
   }
   await ctx.queue.complete([job]);
 }
@@ -173,18 +221,22 @@ async function redispatch(ctx: RouterContext, msg: MessageRecord, dest: string, 
       },
     },
     async () => {
+      const dispatched = async (kind: "local" | "remote") => {
+        await ctx.queue.completeDispatched(jobs, ctx.now());
+        ctx.metrics.dispatched.inc({ kind }, jobs.length);
+        const silent = jobs.filter((j) => j.stale).length;
+        if (silent > 0) ctx.metrics.staleRedispatched.inc({ kind }, silent);
+      };
       if (dest === "local") {
         await publishLocal(ctx, msg, recipients, { retry: true });
-        await ctx.queue.complete(jobs);
-        ctx.metrics.dispatched.inc({ kind: "local" }, jobs.length);
+        await dispatched("local");
         return;
       }
       const hosts = await lookupMailHosts(ctx, dest);
       const at = new Date(ctx.now()).toISOString();
       if (hosts.kind === "hosts") {
         await publishRemote(ctx, msg, dest, toMxHosts(hosts), recipients, { retry: true });
-        await ctx.queue.complete(jobs);
-        ctx.metrics.dispatched.inc({ kind: "remote" }, jobs.length);
+        await dispatched("remote");
         return;
       }
       if (hosts.kind === "temp") {
