@@ -2,7 +2,7 @@ import { createHash } from "node:crypto";
 import { PassThrough, pipeline, Readable, Transform } from "node:stream";
 import type { BodyRef } from "@mailpipe/contracts";
 import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
-import { StorageType } from "@nats-io/jetstream";
+import { JetStreamApiError, StorageType } from "@nats-io/jetstream";
 import { type ObjectStore, Objm } from "@nats-io/obj";
 import { nanos, headers as natsHeaders } from "@nats-io/transport-node";
 import { BodyIntegrityError, BodyNotFoundError, BusError } from "./errors.ts";
@@ -26,6 +26,9 @@ export const DIRECT_READ_MAX = 1024 * 1024;
 export const CHUNK_SIZE = 128 * 1024;
 
 const KEY = /^[A-Za-z0-9_-]{1,128}$/;
+
+/** JetStream's "wrong last sequence" (Nats-Expected-Last-Subject-Sequence not met) */
+const WRONG_LAST_SEQUENCE = 10071;
 
 /** An object's metadata as the Object Store writes it (ADR-20); only what we read. */
 interface ObjectMeta {
@@ -73,8 +76,8 @@ export class BodyStore {
    * `$O.<bucket>.C.<nuid>`, metadata rolled up on `$O.<bucket>.M.<name>`), so `nats object get`
    * reads it, but without the library's put: that one first looks the name up (a round trip),
    * hashes in JavaScript and goes through web streams, which made it the costliest step of
-   * accepting a message. Keys are written once: the chunk subject is named after the key, and
-   * JetStream refuses a second write to it.
+   * accepting a message. The chunk subject is named after the key; writing a key again replaces
+   * it (see #firstChunk).
    */
   async put(key: string, source: BodySource): Promise<BodyRef> {
     if (!KEY.test(key)) throw new BusError(`body key ${JSON.stringify(key)} must be a subject token`);
@@ -90,10 +93,8 @@ export class BodyStore {
       while (all.length - offset >= upTo && all.length - offset > 0) {
         const n = Math.min(CHUNK_SIZE, all.length - offset);
         const payload = all.subarray(offset, offset + n);
-        const h = natsHeaders();
-        // the first chunk must be the first message on its subject: a key is never written twice
-        if (chunks === 0) h.set("Nats-Expected-Last-Subject-Sequence", "0");
-        await this.#js.publish(chunkSubject, payload, { headers: h });
+        if (chunks === 0) await this.#firstChunk(chunkSubject, payload);
+        else await this.#js.publish(chunkSubject, payload);
         hash.update(payload);
         chunks++;
         size += n;
@@ -127,6 +128,23 @@ export class BodyStore {
     h.set("Nats-Rollup", "sub");
     await this.#js.publish(this.#metaSubject(key), JSON.stringify(meta), { headers: h });
     return { bucket: this.bucket, key, size, sha256: digest.toString("hex") };
+  }
+
+  /**
+   * The first chunk must be the first message on its subject, so chunks of two writes of one key
+   * never mix. A key is written again only when an earlier write of it was cut short or is being
+   * redone (a DSN task retried after a crash): its old chunks are purged first.
+   */
+  async #firstChunk(subject: string, payload: Uint8Array): Promise<void> {
+    const h = natsHeaders();
+    h.set("Nats-Expected-Last-Subject-Sequence", "0");
+    try {
+      await this.#js.publish(subject, payload, { headers: h });
+    } catch (err) {
+      if (!(err instanceof JetStreamApiError) || err.code !== WRONG_LAST_SEQUENCE) throw err;
+      await this.#jsm.streams.purge(`OBJ_${this.bucket}`, { filter: subject });
+      await this.#js.publish(subject, payload, { headers: h });
+    }
   }
 
   /** `$O.<bucket>.M.<padded base64url of the name>`, as the Object Store names it. */
@@ -245,6 +263,24 @@ export class BodyStore {
       chunks.push(m.data);
     }
     return verified(ref, Buffer.concat(chunks));
+  }
+
+  /**
+   * The reference of a body already stored whole (its metadata is written last), or null: lets a
+   * writer that is redoing its work reuse what an earlier attempt stored instead of writing again.
+   */
+  async refOf(key: string): Promise<BodyRef | null> {
+    let m: Awaited<ReturnType<JetStreamManager["direct"]["getMessage"]>> = null;
+    try {
+      m = await this.#jsm.direct.getMessage(`OBJ_${this.bucket}`, { last_by_subj: this.#metaSubject(key) });
+    } catch {
+      return null;
+    }
+    if (!m) return null;
+    const meta = m.json<ObjectMeta & { digest?: string }>();
+    if (meta.deleted || typeof meta.size !== "number" || !meta.digest?.startsWith("SHA-256=")) return null;
+    const b64 = meta.digest.slice("SHA-256=".length).replaceAll("-", "+").replaceAll("_", "/");
+    return { bucket: this.bucket, key, size: meta.size, sha256: Buffer.from(b64, "base64").toString("hex") };
   }
 
   async exists(key: string): Promise<boolean> {

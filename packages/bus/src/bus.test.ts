@@ -222,6 +222,32 @@ describe("bus", () => {
     });
   });
 
+  it("never runs a message twice because it waited for a slot longer than the ack wait", async () => {
+    const bus = await connect("mda");
+    open.push(bus);
+    const runs = new Map<string, number>();
+    await bus.consume(
+      "mda",
+      LocalSchema,
+      async (m) => {
+        runs.set(m.queueId, (runs.get(m.queueId) ?? 0) + 1);
+        await new Promise((r) => setTimeout(r, 1500)); // longer than the ack wait
+      },
+      { maxInFlight: 2, ackWaitMs: 1000 },
+    );
+    const sent: string[] = [];
+    for (let i = 0; i < 6; i++) {
+      const m = request();
+      sent.push(m.queueId);
+      await bus.publish(subjects.deliverLocal(), LocalSchema, m, { msgId: m.dispatchId });
+    }
+    await waitFor(async () => (await bus.jsm.streams.info("MAIL_DELIVER")).state.messages === 0, {
+      timeoutMs: 20_000,
+    });
+    expect([...runs.keys()].sort()).toEqual([...sent].sort());
+    expect([...runs.values()].every((n) => n === 1)).toBe(true);
+  });
+
   it("exposes consumer lag as Prometheus gauges", async () => {
     const telemetry = quietTelemetry("mda");
     const bus = await Bus.connect({ url: nats.url, name: "lag", telemetry });
@@ -261,6 +287,13 @@ describe("bus", () => {
     }).catch((e) => e);
     expect(err).toBeInstanceOf(BusConnectError);
     expect(err.message).toMatch(/cannot reach NATS at nats:\/\/127\.0\.0\.1:1 .*is nats-server running/);
+    const withToken = await Bus.connect({
+      url: "nats://s3cr3t@127.0.0.1:1",
+      name: "t",
+      telemetry: quietTelemetry("router"),
+    }).catch((e) => e);
+    expect(withToken.message).toContain("nats://[redacted]@127.0.0.1:1");
+    expect(withToken.message).not.toContain("s3cr3t");
   });
 });
 
@@ -341,7 +374,7 @@ describe("body store", () => {
     await expect(bodies.read(ref)).rejects.toBeInstanceOf(BodyNotFoundError);
   });
 
-  it("writes the Object Store's own layout: the library reads it, and a key is written only once", async () => {
+  it("writes the Object Store's own layout: the library reads it, and a rewrite replaces a key", async () => {
     const bus = await connect("router");
     open.push(bus);
     const bodies = await bus.bodies();
@@ -352,9 +385,20 @@ describe("body store", () => {
     const got = await os.getBlob(key);
     expect(got && Buffer.from(got).equals(body)).toBe(true);
     expect((await os.info(key))?.size).toBe(body.length);
-    await expect(bodies.put(key, Buffer.from("again"))).rejects.toThrow();
+    expect(await bodies.refOf(key)).toEqual({
+      bucket: "mail-bodies",
+      key,
+      size: body.length,
+      sha256: createHash("sha256").update(body).digest("hex"),
+    });
+    expect(await bodies.refOf(newQueueId())).toBeNull();
+    // writing a key again (a retried DSN) replaces it, without mixing the old chunks in
+    const again = await bodies.put(key, Buffer.from("again"));
+    expect((await bodies.readBuffer(again)).toString()).toBe("again");
+    expect(Buffer.from((await os.getBlob(key))!).toString()).toBe("again");
     await bodies.delete(key);
     expect((await os.info(key))?.deleted).toBe(true);
+    expect(await bodies.refOf(key)).toBeNull();
     const stream = await bus.jsm.streams.info("OBJ_mail-bodies", {
       subjects_filter: `$O.mail-bodies.C.${key}`,
     });

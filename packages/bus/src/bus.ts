@@ -8,7 +8,7 @@ import {
   subjects,
   topology,
 } from "@mailpipe/contracts";
-import { attr, contextWithQueueId, currentTraceId, type Telemetry } from "@mailpipe/telemetry";
+import { attr, contextWithQueueId, currentTraceId, redactUrls, type Telemetry } from "@mailpipe/telemetry";
 import {
   type ConsumerMessages,
   type JetStreamClient,
@@ -144,7 +144,7 @@ export class Bus {
     } catch (err) {
       await nc.close();
       throw new BusConnectError(
-        `NATS at ${opts.url} has no JetStream (${(err as Error).message}): start nats-server with -js`,
+        `NATS at ${redactUrls(opts.url)} has no JetStream (${(err as Error).message}): start nats-server with -js`,
         { cause: err },
       );
     }
@@ -276,7 +276,12 @@ export class Bus {
     const consumer = await this.js.consumers.get(stream, durable);
     this.#consumers.set(durable, consumer);
     this.#lagGauges();
-    const messages: ConsumerMessages = await consumer.consume({ max_messages: maxInFlight });
+    // Pull only as many messages as there are free slots: a message waiting in a client-side
+    // buffer gets no working() heartbeat, and after its ack wait JetStream would hand it to another
+    // replica while this one still means to run it (the same mail sent twice).
+    const expires = Math.max(1000, Math.min(30_000, ackWaitMs));
+    const minPull = Math.max(1, Math.floor(maxInFlight / 8));
+    let current: ConsumerMessages | undefined;
     const { log, tracer, metrics } = this.#telemetry;
     const handled = metrics.counter(
       "bus_messages_handled_total",
@@ -376,21 +381,48 @@ export class Bus {
       );
     };
 
+    const start = (m: JsMsg) => {
+      inFlight++;
+      void run(m)
+        .catch((err) => log.error({ err }, "unexpected error in message handling"))
+        .finally(() => {
+          inFlight--;
+          wake?.();
+          if (inFlight === 0) for (const f of idle) f();
+        });
+    };
+
     const loop = (async () => {
-      for await (const m of messages) {
-        if (stopping) {
-          m.nak();
-          continue;
+      let failures = 0;
+      while (!stopping) {
+        // wait for a few free slots rather than pulling one message at a time under load
+        while (!stopping && maxInFlight - inFlight < minPull && inFlight > 0) {
+          await slotFree();
         }
-        while (inFlight >= maxInFlight) await slotFree();
-        inFlight++;
-        void run(m)
-          .catch((err) => log.error({ err }, "unexpected error in message handling"))
-          .finally(() => {
-            inFlight--;
-            wake?.();
-            if (inFlight === 0) for (const f of idle) f();
-          });
+        if (stopping) break;
+        const free = maxInFlight - inFlight;
+        try {
+          current = await consumer.fetch({ max_messages: free, expires });
+          for await (const m of current) {
+            if (stopping) {
+              m.nak(); // this process is leaving: another replica takes it at once
+              continue;
+            }
+            start(m);
+          }
+          failures = 0;
+        } catch (err) {
+          if (stopping) break;
+          failures++;
+          const delay = Math.min(250 * 2 ** Math.min(failures, 5), 5000);
+          log.warn(
+            { err: (err as Error).message, consumer: durable, retryInMs: delay },
+            "pulling messages failed; retrying",
+          );
+          await new Promise((r) => setTimeout(r, delay));
+        } finally {
+          current = undefined;
+        }
       }
     })();
 
@@ -401,7 +433,7 @@ export class Bus {
       stop: async () => {
         if (stopping) return;
         stopping = true;
-        await messages.close().catch(() => {});
+        await current?.close().catch(() => {});
         wake?.();
         await loop.catch(() => {});
         if (inFlight > 0) await new Promise<void>((resolve) => idle.add(resolve));

@@ -1,3 +1,5 @@
+import { redactUrls } from "@mailpipe/telemetry";
+
 /** A failure talking to NATS, with what to check in the message. */
 export class BusError extends Error {
   override name = "BusError";
@@ -25,5 +27,5 @@ export function describeConnectError(servers: string, err: unknown): string {
       : code === "ENOTFOUND"
         ? "host not found"
         : (e?.cause?.message ?? e?.message ?? String(err));
-  return `cannot reach NATS at ${servers} (${reason}): is nats-server running with JetStream (-js), and is NATS_URL right?`;
+  return `cannot reach NATS at ${redactUrls(servers)} (${reason}): is nats-server running with JetStream (-js), and is NATS_URL right?`;
 }

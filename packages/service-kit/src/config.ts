@@ -1,4 +1,5 @@
 import { hostname } from "node:os";
+import { redactUrls } from "@mailpipe/telemetry";
 import { z } from "zod";
 
 /** Parses "250ms", "30s", "5m", "4h", "5d" or a plain number of milliseconds. */
@@ -136,9 +137,8 @@ export function redactConfig(config: Record<string, unknown>): Record<string, un
   const out: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(config)) {
     if (isSecret(k)) out[k] = v === undefined || v === "" ? v : "[redacted]";
-    else if (typeof v === "string" && /^[a-z][a-z0-9+.-]*:\/\/[^/]*@/i.test(v)) {
-      out[k] = v.replace(/\/\/([^:/@]*):[^@/]*@/g, "//$1:[redacted]@");
-    } else out[k] = v;
+    else if (typeof v === "string") out[k] = redactUrls(v);
+    else out[k] = v;
   }
   return out;
 }

@@ -123,5 +123,9 @@ describe("config", () => {
       SMTP_PASSWORD: "[redacted]",
       MAIL_HOSTNAME: "mx.example.test",
     });
+    // NATS takes a bare token before the host, and a list of servers
+    expect(redactConfig({ NATS_URL: "nats://s3cr3t@nats-0:4222,nats://s3cr3t@nats-1:4222" })).toEqual({
+      NATS_URL: "nats://[redacted]@nats-0:4222,nats://[redacted]@nats-1:4222",
+    });
   });
 });

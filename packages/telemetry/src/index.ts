@@ -2,6 +2,7 @@ export { attr } from "./attributes.ts";
 export { contextWithQueueId, currentQueueId, currentTraceId, withQueueId } from "./context.ts";
 export { createLogger, type Logger, type LoggerOptions } from "./logger.ts";
 export { type Counter, type Gauge, type Histogram, Metrics } from "./metrics.ts";
+export { redactUrls } from "./redact.ts";
 export { createTelemetry, type Telemetry, type TelemetryOptions } from "./telemetry.ts";
 export {
   cleanAttributes,

@@ -68,6 +68,8 @@ export interface DelivererDeps {
   /** the directory in use (it reloads, so ask per delivery) */
   directory: () => Pick<Directory, "quota">;
   telemetry: Telemetry;
+  /** MDA_MAX_AUTO_FOLDERS: +tag folders are created only below this many folders (default 50; 0 = never) */
+  maxAutoFolders?: number;
   /** how long a mailbox's counted usage is trusted (default 5 s) */
   quotaCacheMs?: number;
 }
@@ -87,6 +89,7 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
     fsync: deps.fsync,
     staleTmpMs,
     syncer: new DirSyncer(),
+    ...(deps.maxAutoFolders !== undefined ? { maxAutoFolders: deps.maxAutoFolders } : {}),
   });
   const quotas = new QuotaTracker({ cacheMs: deps.quotaCacheMs ?? 5000 });
   const remoteMta = hostname.slice(0, 300);
@@ -198,7 +201,9 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
       writeSeconds.observe((performance.now() - started) / 1000);
       bytesWritten.inc(size);
       await markDone(key, path);
-      log.info({ recipient: rcpt.address, path, size }, "delivered");
+      // a +tag whose folder does not exist and was not created (special-use name, or too many folders)
+      const inbox = rcpt.folder !== undefined && folder.folder === undefined ? { tagFolder: rcpt.folder } : {};
+      log.info({ recipient: rcpt.address, path, size, ...inbox }, "delivered");
       return { outcome: "delivered", reply: replies.delivered("Delivered to maildir") };
     } catch (err) {
       if (reserved && folder) quotas.release(folder.maildir, quota, size);
@@ -276,8 +281,11 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
         continue;
       }
       deliveries.inc({ outcome: result.outcome });
-      // publish while the next copy is written; the ack waits for all of them below
-      reports.push(report(request, rcpt, result.outcome, result.reply));
+      // publish while the next copy is written; the ack waits for all of them below (the catch
+      // only marks the rejection handled meanwhile: allSettled still sees it)
+      const published = report(request, rcpt, result.outcome, result.reply);
+      published.catch(() => {});
+      reports.push(published);
     }
     const settled = await Promise.allSettled(reports);
     const failed = settled.find((s) => s.status === "rejected");
