@@ -66,6 +66,8 @@ export const replies = {
   // limits
   tooManyRecipients: () => reply(452, "4.5.3", "Too many recipients"),
   messageTooBig: (limit: number) => reply(552, "5.3.4", `Message exceeds the maximum size of ${limit} bytes`),
+  headerTooBig: (limit: number) =>
+    reply(552, "5.3.4", `Message header exceeds the maximum of ${limit} bytes`),
   mailboxFull: (address?: string) =>
     reply(452, "4.2.2", address ? `<${address}>: mailbox is full` : "Mailbox is full"),
   mailboxFullPermanent: (address?: string) =>

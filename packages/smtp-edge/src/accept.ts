@@ -16,6 +16,12 @@ export interface AcceptInput {
   messageId?: string | undefined;
   /** give up (451) when storing and publishing take longer than this; default 30 s */
   timeoutMs?: number;
+  /**
+   * Aborted when the client has been told this attempt failed (the edge's 421 at the shutdown
+   * deadline or the session limit): from then on the message is never queued. An `SmtpError`
+   * reason is what this throws.
+   */
+  signal?: AbortSignal;
 }
 
 export interface Accepted {
@@ -29,12 +35,26 @@ class AcceptTimeout extends Error {
   override name = "AcceptTimeout";
 }
 
-function within<T>(ms: number, work: Promise<T>): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new AcceptTimeout(`not stored and published within ${ms} ms`)), ms);
+class AcceptAbandoned extends Error {
+  override name = "AcceptAbandoned";
+}
+
+/** Settles with `work`, or rejects when `abandoned` is aborted (which `ms` later does). */
+function within<T>(ms: number, work: Promise<T>, abandoned: AbortController): Promise<T> {
+  const timer = setTimeout(
+    () => abandoned.abort(new AcceptTimeout(`not stored and published within ${ms} ms`)),
+    ms,
+  );
+  let onAbort: () => void = () => {};
+  const stop = new Promise<never>((_, reject) => {
+    onAbort = () => reject(abandoned.signal.reason);
+    if (abandoned.signal.aborted) onAbort();
+    else abandoned.signal.addEventListener("abort", onAbort, { once: true });
   });
-  return Promise.race([work, timeout]).finally(() => clearTimeout(timer));
+  return Promise.race([work, stop]).finally(() => {
+    clearTimeout(timer);
+    abandoned.signal.removeEventListener("abort", onAbort);
+  });
 }
 
 /**
@@ -44,15 +64,24 @@ function within<T>(ms: number, work: Promise<T>): Promise<T> {
  * `queued` events are emitted, and only then does this resolve. Any failure (NATS down, a timeout,
  * a store error) is logged with its cause and thrown as `SmtpError(451 4.3.0)`: the client keeps
  * the message and tries again, and we never answer 250 for something we could lose.
+ * Once the client has been told the attempt failed (our timeout, or `signal`), the work that is
+ * still running does not publish, and deletes the body it stored: the client's retry must not
+ * become a second copy. (A publish already on its way when that happens cannot be called back.)
  */
 export async function acceptMessage(input: AcceptInput): Promise<Accepted> {
   const { bus, telemetry, queueId, envelope } = input;
   const { log, tracer } = telemetry;
   const prepend = typeof input.prepend === "string" ? Buffer.from(input.prepend) : input.prepend;
   const recipients = envelope.rcptTo.map((r) => r.address);
+  const abandoned = new AbortController();
+  const caller = input.signal;
+  const onCallerAbort = () => abandoned.abort(caller?.reason);
+  if (caller?.aborted) onCallerAbort();
+  else caller?.addEventListener("abort", onCallerAbort, { once: true });
   try {
     if (!bus.connected) throw new Error("not connected to NATS");
     const work = (async () => {
+      if (abandoned.signal.aborted) throw new AcceptAbandoned("abandoned before it was stored");
       const store = await bus.bodies();
       const body = await inSpan(
         tracer,
@@ -64,6 +93,19 @@ export async function acceptMessage(input: AcceptInput): Promise<Accepted> {
           return ref;
         },
       );
+      // the last moment to honour a failure reply the client already has: nothing awaits from here
+      // to the publish
+      if (abandoned.signal.aborted) {
+        await store
+          .delete(queueId)
+          .catch((err: unknown) =>
+            log.warn(
+              { queueId, err: err instanceof Error ? err.message : String(err) },
+              "could not delete the body of an abandoned message (BODY_TTL will)",
+            ),
+          );
+        throw new AcceptAbandoned("abandoned after it was stored; not queued");
+      }
       bus.emit({
         type: "received",
         queueId,
@@ -92,14 +134,23 @@ export async function acceptMessage(input: AcceptInput): Promise<Accepted> {
     })();
     // a late failure of abandoned work must not become an unhandled rejection
     work.catch(() => {});
-    const body = await within(input.timeoutMs ?? 30_000, work);
+    const body = await within(input.timeoutMs ?? 30_000, work, abandoned);
     bus.emit({ type: "queued", queueId, recipients, size: body.size });
     return { queueId, body, reply: replies.accepted(queueId) };
   } catch (err) {
+    if (caller?.aborted && caller.reason instanceof SmtpError) {
+      log.warn(
+        { queueId, reply: caller.reason.reply.code },
+        "the client was told the message failed before it was queued; it will not be",
+      );
+      throw caller.reason;
+    }
     log.error(
       { queueId, err: err instanceof Error ? err.message : String(err) },
       "could not store and queue the message; answering 451 4.3.0",
     );
     throw new SmtpError(replies.localError(), { cause: err });
+  } finally {
+    caller?.removeEventListener("abort", onCallerAbort);
   }
 }

@@ -1,5 +1,6 @@
 import { byteSize, duration } from "@mailpipe/service-kit";
 import { z } from "zod";
+import { MemoryBudget } from "./memory-budget.ts";
 import type { SmtpEdgeOptions } from "./server.ts";
 
 const count = (defaultValue: number) => z.coerce.number().int().min(1).default(defaultValue);
@@ -11,6 +12,11 @@ const count = (defaultValue: number) => z.coerce.number().int().min(1).default(d
 export const edgeConfig = {
   /** advertised as SIZE and enforced: 552 5.3.4 */
   MAX_MESSAGE_SIZE: byteSize("25M"),
+  /**
+   * DATA bytes held in memory at once by the whole process (both msa listeners together); a
+   * transaction that does not fit gets 452 4.3.1. At least MAX_MESSAGE_SIZE.
+   */
+  SMTP_MEMORY_BUDGET: byteSize("512M"),
   /** open connections per listener: 421 4.7.0 beyond */
   MAX_CONNECTIONS: count(1000),
   /** per client IP: 421 4.7.0 beyond */
@@ -31,7 +37,10 @@ export const edgeConfig = {
 
 type EdgeConfig = { [K in keyof typeof edgeConfig]: z.infer<(typeof edgeConfig)[K]> };
 
-/** The smtp-edge options those variables set. */
+/**
+ * The smtp-edge options those variables set. Each call makes one memory budget: give the result to
+ * every listener of the process so they share it.
+ */
 export function edgeLimits(
   c: EdgeConfig,
 ): Pick<
@@ -45,6 +54,7 @@ export function edgeLimits(
   | "acceptTimeoutMs"
   | "maxReceivedHeaders"
   | "tlsPollIntervalMs"
+  | "memoryBudget"
 > {
   return {
     maxMessageSize: c.MAX_MESSAGE_SIZE,
@@ -56,5 +66,6 @@ export function edgeLimits(
     acceptTimeoutMs: c.SMTP_ACCEPT_TIMEOUT,
     maxReceivedHeaders: c.MAX_RECEIVED_HEADERS,
     tlsPollIntervalMs: c.TLS_RELOAD_INTERVAL,
+    memoryBudget: new MemoryBudget(c.SMTP_MEMORY_BUDGET),
   };
 }

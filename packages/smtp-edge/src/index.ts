@@ -1,14 +1,17 @@
 export { type Accepted, type AcceptInput, acceptMessage } from "./accept.ts";
 export { edgeConfig, edgeLimits } from "./config.ts";
 export {
+  type ByteLease,
   type HeaderField,
   headerBlock,
   type IncomingMessage,
   type IntakeResult,
   LineEndingNormalizer,
+  MAX_HEADER_BYTES,
   parseHeaderBlock,
   readMessage,
 } from "./intake.ts";
+export { MemoryBudget } from "./memory-budget.ts";
 export { type EdgeMetrics, edgeMetrics } from "./metrics.ts";
 export { installSmtpServerPatches, leadingEnhancedCode } from "./patches.ts";
 export { buildReceived, type ReceivedOptions, receivedProtocol, rfc5322Date } from "./received.ts";

@@ -1,4 +1,4 @@
-import { PassThrough } from "node:stream";
+import { PassThrough, Readable } from "node:stream";
 import { describe, expect, it } from "vitest";
 import { headerBlock, LineEndingNormalizer, parseHeaderBlock, readMessage } from "./intake.ts";
 
@@ -56,7 +56,7 @@ describe("header block", () => {
       "-ID:  <id@x.test> \r\nSubject: hi\r",
       "\n\r\nbody\r\n",
     ].map((s) => Buffer.from(s));
-    const block = headerBlock(chunks);
+    const block = headerBlock(chunks)!;
     expect(block.toString()).toBe(
       "Received: from a\r\n\tby b; x\r\nMessage-ID:  <id@x.test> \r\nSubject: hi\r\n",
     );
@@ -68,7 +68,44 @@ describe("header block", () => {
   });
 
   it("has no fields when the message starts with an empty line", () => {
-    expect(headerBlock([Buffer.from("\r\nReceived: x\r\n")]).length).toBe(0);
+    expect(headerBlock([Buffer.from("\r\nReceived: x\r\n")])!.length).toBe(0);
+    expect(headerBlock([Buffer.from("\r"), Buffer.from("\nReceived: x\r\n")])!.length).toBe(0);
+  });
+
+  it("finds the same block however the message is split, the empty line straddling any boundary", () => {
+    const message = "A: 1\r\nB: 2\r\n\r\nbody\r\n\r\nmore\r\n";
+    const whole = "A: 1\r\nB: 2\r\n";
+    const split = (cuts: number[]) =>
+      [0, ...cuts].map((at, i) => Buffer.from(message.slice(at, [...cuts, message.length][i])));
+    for (let a = 0; a <= message.length; a++) {
+      for (let b = a; b <= message.length; b++) {
+        expect(headerBlock(split([a, b]))!.toString(), `cuts ${a} ${b}`).toBe(whole);
+      }
+    }
+    expect(headerBlock([...message].map((ch) => Buffer.from(ch)))!.toString()).toBe(whole);
+    // no empty line: the whole message is its header block
+    expect(headerBlock(split([3, 9]).slice(0, 2))!.toString()).toBe("A: 1\r\nB: ");
+  });
+
+  it("stops at the cap: a 25 MiB header block is refused after looking at about 1 MiB of it", () => {
+    const line = "X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+    const chunk = Buffer.from(line.repeat(Math.ceil(16_384 / line.length)));
+    const all = Array.from({ length: Math.ceil((25 * 1024 * 1024) / chunk.length) }, () => chunk);
+    let furthest = -1;
+    const watched = new Proxy(all, {
+      get(target, key, receiver) {
+        if (typeof key === "string" && /^\d+$/.test(key)) furthest = Math.max(furthest, Number(key));
+        return Reflect.get(target, key, receiver);
+      },
+    });
+    expect(headerBlock(watched, 1024 * 1024)).toBeUndefined();
+    expect(furthest).toBeLessThanOrEqual(Math.ceil((1024 * 1024) / chunk.length));
+
+    // an end of headers just under the cap is found, and the block is exact
+    const under = all.slice(0, Math.floor((1024 * 1024) / chunk.length) - 1);
+    const found = headerBlock([...under, Buffer.from("Last: x\r\n\r\nbody")], 1024 * 1024)!;
+    expect(found.length).toBe(under.length * chunk.length + "Last: x\r\n".length);
+    expect(found.subarray(-12).toString()).toBe("a\r\nLast: x\r\n");
   });
 });
 
@@ -101,6 +138,56 @@ describe("readMessage", () => {
     // 600 bare LFs are 600 bytes on the wire and 1200 once normalised
     const r = await readMessage(streamOf(["S: s\r\n\r\n", "\n".repeat(600)]), { maxBytes: 1000 });
     expect(r.ok).toBe(false);
+  });
+
+  it("refuses a header block over maxHeaderBytes, reading to the end", async () => {
+    const line = "X-Filler: 0123456789012345678901234567890123456789\r\n";
+    const s = streamOf([line.repeat(100), "\r\nbody\r\n"]);
+    const r = await readMessage(s, { maxBytes: 100_000, maxHeaderBytes: 50 * line.length });
+    expect(r).toMatchObject({ ok: false, reason: "header-too-big" });
+    expect(s.readableEnded).toBe(true);
+    const ok = await readMessage(streamOf([line.repeat(40), "\r\nbody\r\n"]), {
+      maxBytes: 100_000,
+      maxHeaderBytes: 50 * line.length,
+    });
+    expect(ok.ok).toBe(true);
+  });
+
+  it("takes every byte it keeps from the lease; when one does not fit, drops it all and reads on", async () => {
+    let free = 1000;
+    let taken = 0;
+    let released = 0;
+    const lease = {
+      take: (n: number) => {
+        if (n > free) return false;
+        free -= n;
+        taken += n;
+        return true;
+      },
+      release: () => {
+        free += taken;
+        released += taken;
+        taken = 0;
+      },
+    };
+    const part = "y".repeat(400);
+    // one chunk per part (a PassThrough would hand them over joined)
+    const s = Readable.from(["Subject: s\r\n\r\n", part, part, part, "end\r\n"].map((p) => Buffer.from(p)));
+    const r = await readMessage(s, { maxBytes: 10_000, lease });
+    expect(r).toMatchObject({ ok: false, reason: "no-memory" });
+    expect(s.readableEnded).toBe(true);
+    expect([taken, free, released]).toEqual([0, 1000, 14 + 800]);
+
+    // the size limit wins: the client must not retry a message that can never fit
+    const big = await readMessage(streamOf(["S: s\r\n\r\n", "z".repeat(900), "z".repeat(900)]), {
+      maxBytes: 1500,
+      lease,
+    });
+    expect(big).toMatchObject({ ok: false, reason: "too-big" });
+
+    const fits = await readMessage(streamOf(["S: s\r\n\r\nsmall\r\n"]), { maxBytes: 10_000, lease });
+    expect(fits.ok).toBe(true);
+    expect(taken).toBe("S: s\r\n\r\nsmall\r\n".length);
   });
 
   it("honours smtp-server's sizeExceeded flag", async () => {

@@ -87,7 +87,23 @@ export interface IncomingMessage {
 
 export type IntakeResult =
   | { ok: true; message: IncomingMessage }
-  | { ok: false; reason: "too-big"; size: number };
+  | {
+      ok: false;
+      /** over maxBytes; the header block over maxHeaderBytes; or the edge's memory budget ran out */
+      reason: "too-big" | "header-too-big" | "no-memory";
+      size: number;
+    };
+
+/** The header block a message may have (RFC 5322 sets no limit; 1 MiB is far beyond any real one). */
+export const MAX_HEADER_BYTES = 1024 * 1024;
+
+/** Memory a transaction holds, counted against the edge-wide budget (see memory-budget.ts). */
+export interface ByteLease {
+  /** false when the bytes do not fit: they are not taken */
+  take(bytes: number): boolean;
+  /** gives back everything taken; harmless to call again */
+  release(): void;
+}
 
 interface SizedStream extends Readable {
   sizeExceeded?: boolean;
@@ -97,32 +113,44 @@ interface SizedStream extends Readable {
 /**
  * Reads a DATA stream to its end. Never holds more than `maxBytes` (counted after normalisation):
  * once the message is over the limit (or smtp-server flagged `sizeExceeded`) the rest is read and
- * dropped, because SMTP answers only after the final dot.
+ * dropped, because SMTP answers only after the final dot. With a `lease`, every byte kept is taken
+ * from it first; when one does not fit, what was held is released and the rest is dropped the same
+ * way (`no-memory`). The caller releases the lease once the transaction is over.
  */
 export async function readMessage(
   stream: Readable,
-  { maxBytes }: { maxBytes: number },
+  {
+    maxBytes,
+    maxHeaderBytes = MAX_HEADER_BYTES,
+    lease,
+  }: { maxBytes: number; maxHeaderBytes?: number; lease?: ByteLease },
 ): Promise<IntakeResult> {
   const normalizer = new LineEndingNormalizer();
   const s = stream as SizedStream;
   let chunks: Buffer[] = [];
   let size = 0;
-  let tooBig = false;
+  let refused: "too-big" | "no-memory" | undefined;
+  const drop = (reason: "too-big" | "no-memory") => {
+    refused = reason;
+    chunks = [];
+    lease?.release();
+  };
   const keep = (buf: Buffer) => {
-    if (tooBig || buf.length === 0) return;
+    if (refused === "too-big" || buf.length === 0) return;
     size += buf.length;
-    if (size > maxBytes || s.sizeExceeded) {
-      tooBig = true;
-      chunks = [];
-      return;
-    }
+    if (size > maxBytes || s.sizeExceeded) return drop("too-big");
+    if (refused) return;
+    if (lease && !lease.take(buf.length)) return drop("no-memory");
     chunks.push(buf);
   };
   for await (const chunk of stream) keep(normalizer.push(chunk as Buffer));
   keep(normalizer.end());
-  if (tooBig || s.sizeExceeded)
+  if (refused === "too-big" || s.sizeExceeded)
     return { ok: false, reason: "too-big", size: Math.max(size, s.byteLength ?? 0) };
-  const headers = parseHeaderBlock(headerBlock(chunks));
+  if (refused) return { ok: false, reason: refused, size };
+  const block = headerBlock(chunks, maxHeaderBytes);
+  if (!block) return { ok: false, reason: "header-too-big", size };
+  const headers = parseHeaderBlock(block);
   const header = (name: string) => {
     const lower = name.toLowerCase();
     return headers.filter((h) => h.name.toLowerCase() === lower).map((h) => h.value);
@@ -141,20 +169,44 @@ export async function readMessage(
   };
 }
 
-/** The bytes before the first empty line (the whole message when it has no body). */
-export function headerBlock(chunks: readonly Buffer[]): Buffer {
-  const first = chunks[0];
-  if (!first) return Buffer.alloc(0);
-  // a message that starts with an empty line has no header fields
-  if (first[0] === CR && first[1] === LF) return Buffer.alloc(0);
-  let head: Buffer = Buffer.alloc(0);
+/**
+ * The bytes before the first empty line (the whole message when it has no body), or `undefined`
+ * when they are more than `maxBytes`. Linear: each chunk is searched once, plus the few bytes that
+ * straddle its boundary with the one before; the chunks are copied once, and none past `maxBytes`
+ * is looked at.
+ */
+export function headerBlock(
+  chunks: readonly Buffer[],
+  maxBytes = Number.POSITIVE_INFINITY,
+): Buffer | undefined {
+  // the CRLF that ends the (virtual) line before the message: a message that starts with an empty
+  // line has no header fields
+  let tail: Buffer = CRLF;
+  let before = 0; // bytes in the chunks already searched
+  let end: number | undefined; // where the CRLFCRLF starts (-2: the message starts with CRLF)
+  let used = 0; // chunks that hold part of the block
   for (const chunk of chunks) {
-    const from = Math.max(0, head.length - 3);
-    head = head.length === 0 ? chunk : Buffer.concat([head, chunk]);
-    const at = head.indexOf(HEADER_END, from);
-    if (at >= 0) return head.subarray(0, at + 2);
+    used++;
+    const seam = Buffer.concat([tail, chunk.subarray(0, HEADER_END.length - 1)]);
+    const inSeam = seam.indexOf(HEADER_END);
+    if (inSeam >= 0) {
+      end = before - tail.length + inSeam;
+      break;
+    }
+    const inChunk = chunk.indexOf(HEADER_END);
+    if (inChunk >= 0) {
+      end = before + inChunk;
+      break;
+    }
+    before += chunk.length;
+    if (before > maxBytes) return undefined;
+    const keep = HEADER_END.length - 1;
+    tail = chunk.length >= keep ? chunk.subarray(-keep) : Buffer.concat([tail, chunk]).subarray(-keep);
   }
-  return head;
+  const length = end === undefined ? before : end + 2;
+  if (length > maxBytes) return undefined;
+  if (length <= 0) return Buffer.alloc(0);
+  return Buffer.concat(chunks.slice(0, used), length);
 }
 
 /** Header fields of a CRLF header block, unfolded; lines that are not fields are skipped. */

@@ -18,8 +18,9 @@ import {
 } from "smtp-server";
 import type { SMTPConnection } from "smtp-server/lib/smtp-connection.js";
 import { acceptMessage } from "./accept.ts";
-import { type IncomingMessage, readMessage } from "./intake.ts";
+import { type ByteLease, type IncomingMessage, MAX_HEADER_BYTES, readMessage } from "./intake.ts";
 import { smtpServerLogger } from "./logger-bridge.ts";
+import { MemoryBudget } from "./memory-budget.ts";
 import { edgeMetrics } from "./metrics.ts";
 import { installSmtpServerPatches, onReplies } from "./patches.ts";
 import { buildReceived } from "./received.ts";
@@ -136,8 +137,16 @@ export interface SmtpEdgeOptions {
   authUserInReceived?: boolean;
   /** text after "ESMTP" in the greeting */
   banner?: string;
-  /** storing and publishing one message may take this long before 451 (default 30 s) */
+  /**
+   * storing and publishing one message may take this long before 451 (default 30 s); at shutdown,
+   * up to this much of `close()`'s time is kept for messages being stored (see close)
+   */
   acceptTimeoutMs?: number;
+  /**
+   * DATA bytes held in memory across sessions: a shared `MemoryBudget` (from `edgeLimits`, one per
+   * process), or a size for this edge alone; default 512 MiB. Must not be below `maxMessageSize`.
+   */
+  memoryBudget?: MemoryBudget | number;
 }
 
 export interface SmtpEdge {
@@ -149,9 +158,11 @@ export interface SmtpEdge {
   readonly connections: number;
   listen(): Promise<void>;
   /**
-   * Two-phase shutdown: stop listening, close idle sessions with `421 4.3.2` and refuse new
-   * transactions, let transactions in progress finish for up to `timeoutMs`, then `421 4.3.2` the
-   * rest. Resolves once every connection is gone.
+   * Two-phase shutdown, all within `timeoutMs`: stop listening, close idle sessions with
+   * `421 4.3.2` and refuse new transactions; let transactions in progress finish until the last
+   * `min(acceptTimeoutMs, timeoutMs / 2)`, then `421 4.3.2` those whose message has not been fully
+   * received; messages fully received are still stored and answered until `timeoutMs`, then
+   * `421 4.3.2` (and never queued). Resolves once every connection is gone.
    */
   close(opts?: { timeoutMs?: number }): Promise<void>;
 }
@@ -170,6 +181,10 @@ interface TxState {
   span: Span;
   ctx: Context;
   ended: boolean;
+  /** the final dot is in: the message is being decided on, stored and queued */
+  finishing: boolean;
+  /** aborted when the client is told (421) this transaction failed: it must then never be queued */
+  abandon: AbortController;
 }
 
 interface SessionState {
@@ -234,8 +249,18 @@ export async function createSmtpEdge(options: SmtpEdgeOptions): Promise<SmtpEdge
   installSmtpServerPatches();
   const { telemetry, hooks, bus } = options;
   const { log, tracer } = telemetry;
-  const metrics = edgeMetrics(telemetry.metrics);
+  const budget =
+    options.memoryBudget instanceof MemoryBudget
+      ? options.memoryBudget
+      : new MemoryBudget(options.memoryBudget ?? 512 * 1024 * 1024);
+  if (budget.limit < options.maxMessageSize) {
+    throw new Error(
+      `SMTP_MEMORY_BUDGET (${budget.limit} bytes) is below MAX_MESSAGE_SIZE (${options.maxMessageSize} bytes): a message of the maximum size could never be accepted`,
+    );
+  }
+  const metrics = edgeMetrics(telemetry.metrics, budget);
   const maxReceived = options.maxReceivedHeaders ?? 50;
+  const acceptTimeoutMs = options.acceptTimeoutMs ?? 30_000;
 
   if (options.secure && !options.tls) {
     throw new Error("implicit TLS (secure) needs TLS_CERT_FILE and TLS_KEY_FILE");
@@ -253,6 +278,15 @@ export async function createSmtpEdge(options: SmtpEdgeOptions): Promise<SmtpEdge
   const connectionOf = (session: SMTPServerSession): SMTPConnection | undefined => {
     for (const c of server.connections) if (c.session === session) return c;
     return undefined;
+  };
+
+  /**
+   * A 421 that may reach a client whose message is still being stored: once it is out the client
+   * believes the message failed and will send it again, so that attempt must not be queued.
+   */
+  const closeWith = (conn: SMTPConnection, r: Reply) => {
+    sessions.get(conn.session)?.tx?.abandon.abort(new SmtpError(r));
+    sendReply(conn, r);
   };
 
   const endTx = (st: SessionState, outcome: { reply?: Reply; status?: "abandoned" }) => {
@@ -361,7 +395,7 @@ export async function createSmtpEdge(options: SmtpEdgeOptions): Promise<SmtpEdge
       st.timer = setTimeout(() => {
         const conn = connectionOf(session);
         log.info({ ip: st.ip, sessionId: session.id }, "session time limit reached; closing");
-        if (conn) sendReply(conn, replies.timeout());
+        if (conn) closeWith(conn, replies.timeout());
       }, options.sessionTimeoutMs);
       st.timer.unref();
       Promise.resolve()
@@ -437,6 +471,8 @@ export async function createSmtpEdge(options: SmtpEdgeOptions): Promise<SmtpEdge
         span,
         ctx: contextWithQueueId(trace.setSpan(ROOT_CONTEXT, span), queueId),
         ended: false,
+        finishing: false,
+        abandon: new AbortController(),
       };
       st.tx = t;
       const senderDomain = address.address.slice(address.address.lastIndexOf("@") + 1);
@@ -445,6 +481,15 @@ export async function createSmtpEdge(options: SmtpEdgeOptions): Promise<SmtpEdge
         "smtp.mail",
         { [attr.queueId]: queueId, ...(address.address ? { [attr.senderDomain]: senderDomain } : {}) },
         async () => {
+          const declared = address.args ? Number(address.args.SIZE) : 0;
+          if (declared > 0 && !budget.fits(declared)) {
+            metrics.memoryRefusals.inc({ stage: "mail" });
+            log.warn(
+              { declared, used: budget.used, limit: budget.limit },
+              "SMTP_MEMORY_BUDGET cannot hold the declared SIZE now; answering 452 4.3.1",
+            );
+            throw new SmtpError(replies.insufficientStorage());
+          }
           if (address.address !== "") {
             const parsed = parseAddress(address.address);
             if (!parsed) throw new SmtpError(replies.badSenderSyntax());
@@ -574,21 +619,52 @@ export async function createSmtpEdge(options: SmtpEdgeOptions): Promise<SmtpEdge
       stream.destroy(new Error("DATA time limit reached"));
     }, options.dataTimeoutMs);
     dataTimer.unref();
-    stream.once("end", () => clearTimeout(dataTimer));
+    stream.once("end", () => {
+      clearTimeout(dataTimer);
+      t.finishing = true;
+    });
+    const lease = budget.lease();
+    try {
+      return await readAndAccept(st, t, stream, lease, recipients, () => timedOut);
+    } finally {
+      // however the transaction ends: accepted, refused, failed, abandoned, connection lost
+      lease.release();
+      clearTimeout(dataTimer);
+    }
+  };
 
+  const readAndAccept = async (
+    st: SessionState,
+    t: TxState,
+    stream: SMTPServerDataStream,
+    lease: ByteLease,
+    recipients: string[],
+    timedOut: () => boolean,
+  ): Promise<Reply> => {
+    const { tx } = t;
     const read = await stage(t, "smtp.data", { [attr.queueId]: tx.queueId }, async (span) => {
       let result: Awaited<ReturnType<typeof readMessage>>;
       try {
-        result = await readMessage(stream, { maxBytes: options.maxMessageSize });
+        result = await readMessage(stream, { maxBytes: options.maxMessageSize, lease });
       } catch (err) {
-        if (timedOut) throw new SmtpError(replies.timeout(), { cause: err });
+        if (timedOut()) throw new SmtpError(replies.timeout(), { cause: err });
         log.info({ ip: st.ip, err: (err as Error).message }, "connection lost during DATA");
         throw new SmtpError(replies.localError(), { cause: err });
-      } finally {
-        clearTimeout(dataTimer);
       }
       span.setAttribute(attr.size, result.ok ? result.message.size : result.size);
-      if (!result.ok) throw new SmtpError(replies.messageTooBig(options.maxMessageSize));
+      if (!result.ok) {
+        if (result.reason === "too-big") throw new SmtpError(replies.messageTooBig(options.maxMessageSize));
+        if (result.reason === "header-too-big") {
+          log.info({ ip: st.ip, size: result.size }, "header block over 1 MiB; refusing the message");
+          throw new SmtpError(replies.headerTooBig(MAX_HEADER_BYTES));
+        }
+        metrics.memoryRefusals.inc({ stage: "data" });
+        log.warn(
+          { ip: st.ip, used: budget.used, limit: budget.limit },
+          "SMTP_MEMORY_BUDGET used up during DATA; answering 452 4.3.1",
+        );
+        throw new SmtpError(replies.insufficientStorage());
+      }
       if (result.message.receivedCount > maxReceived) throw new SmtpError(replies.mailLoop());
       return result.message;
     });
@@ -637,7 +713,8 @@ export async function createSmtpEdge(options: SmtpEdgeOptions): Promise<SmtpEdge
         prepend,
         chunks: read.chunks,
         messageId: read.messageId,
-        ...(options.acceptTimeoutMs ? { timeoutMs: options.acceptTimeoutMs } : {}),
+        timeoutMs: acceptTimeoutMs,
+        signal: t.abandon.signal,
       });
       metrics.bytes.observe(accepted.body.size);
       try {
@@ -718,20 +795,37 @@ export async function createSmtpEdge(options: SmtpEdgeOptions): Promise<SmtpEdge
         listening = false;
         // sockets still in the PROXY header or TLS handshake have no session to finish
         for (const s of server._pendingSockets.values()) s.destroy();
+        // the last part of the time is kept for messages already received and being stored (each
+        // bounded by acceptTimeoutMs itself), so that they end with 250 rather than a 421 that
+        // the client would retry; transactions still sending are cut off before it
         const deadline = Date.now() + timeoutMs;
+        const cutoff = deadline - Math.min(acceptTimeoutMs, timeoutMs / 2);
         const idle = (c: SMTPConnection) =>
           !c.session.envelope?.mailFrom && !c._dataStream && !c._handlerPending;
+        const finishing = (c: SMTPConnection) => {
+          const t = sessions.get(c.session)?.tx;
+          return !!t && t.finishing && !t.ended;
+        };
+        let warned = false;
         while (server.connections.size > 0 && Date.now() < deadline) {
+          const late = Date.now() >= cutoff;
+          if (late && !warned && [...server.connections].some((c) => !idle(c) && !finishing(c))) {
+            warned = true;
+            log.warn(
+              { open: server.connections.size },
+              "transactions still being sent at the shutdown cutoff; closing them with 421",
+            );
+          }
           for (const c of server.connections)
-            if (idle(c) && !c._closing) sendReply(c, replies.shuttingDown());
+            if (!c._closing && (idle(c) || (late && !finishing(c)))) sendReply(c, replies.shuttingDown());
           await new Promise((r) => setTimeout(r, 50));
         }
         if (server.connections.size > 0) {
           log.warn(
             { open: server.connections.size },
-            "transactions still open at the shutdown deadline; closing them with 421",
+            "messages still being stored at the shutdown deadline; closing them with 421 (not queued)",
           );
-          for (const c of server.connections) sendReply(c, replies.shuttingDown());
+          for (const c of server.connections) closeWith(c, replies.shuttingDown());
         }
         // clients get a moment to read the 421 and close; then the sockets go
         await Promise.race([closed, new Promise((r) => setTimeout(r, 1000))]);
