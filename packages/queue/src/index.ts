@@ -16,4 +16,5 @@ export type {
   RetryJob,
   ScheduledEntry,
   ScheduleResult,
+  StaleCandidate,
 } from "./types.ts";

@@ -260,6 +260,29 @@ describe("retry schedule", () => {
     expect(await q.stats()).toMatchObject({ scheduled: 0, inFlight: 0 });
   });
 
+  it("renews a lease only for the holder of its token, so a job taken over is not worked on twice", async () => {
+    const a = new MailQueue(client());
+    const b = new MailQueue(client());
+    const now = Date.now();
+    await scheduled(a, 2, now - 10);
+    const jobs = await a.claim(now, 10, 100);
+    expect(jobs).toHaveLength(2);
+    const [j1, j2] = jobs as [RetryJob, RetryJob];
+    // renewed before it ran out: another replica's release finds nothing to take
+    expect(await a.renewLeases([j1], now + 1000)).toEqual(new Set([j1.id]));
+    expect(await b.releaseExpiredLeases(now + 500)).toBe(1); // j2's lease ran out
+    const [taken] = await b.claim(now + 500, 10, 60_000);
+    expect(taken?.id).toBe(j2.id);
+    // the first holder finds out before doing j2's work again
+    expect(await a.renewLeases([j1, j2], now + 2000)).toEqual(new Set([j1.id]));
+    expect(await b.renewLeases([taken!], now + 2000)).toEqual(new Set([j2.id]));
+    expect(await b.releaseExpiredLeases(now + 1500)).toBe(0);
+    expect(await a.complete([j1])).toBe(1);
+    expect(await b.complete([taken!])).toBe(1);
+    expect(await a.renewLeases([j1], now + 3000)).toEqual(new Set());
+    expect(await a.stats()).toMatchObject({ scheduled: 0, inFlight: 0 });
+  });
+
   it("a retry scheduled while the previous attempt's job is still leased survives that job's complete()", async () => {
     const q = new MailQueue(client());
     const queueId = await scheduled(q, 1, Date.now() - 10);
@@ -443,6 +466,79 @@ describe("waiting for a worker's result (watchdog)", () => {
     expect(again).toHaveLength(100);
     expect(again.every((j) => j.stale?.dispatchedAt === new Date(t0).toISOString())).toBe(true);
     expect(again.every((j) => j.recipient.attempt === 2)).toBe(true);
+  });
+
+  it("keeps each waiting recipient's request sequence until the wait ends", async () => {
+    const redis = client();
+    const q = new MailQueue(redis);
+    const m = message();
+    await q.createMessage(m, [remote("a@remote.test"), remote("b@remote.test"), remote("c@remote.test")]);
+    // b reported before the router recorded the publish: nothing to record for it
+    await q.finishRecipient(m.queueId, "r:b@remote.test", 1, "delivered", deferred(), { dsn: false });
+    const recorded = await q.recordDispatch(m.queueId, [
+      { rid: "r:a@remote.test", seq: 41 },
+      { rid: "r:b@remote.test", seq: 41 },
+      { rid: "r:c@remote.test", seq: 42 },
+    ]);
+    expect(recorded).toBe(2);
+    expect(await q.dispatchSeq(m.queueId, "r:a@remote.test")).toBe(41);
+    expect(await q.dispatchSeq(m.queueId, "r:b@remote.test")).toBeNull();
+    expect(await q.staleCandidates(Date.now(), 10)).toEqual([
+      expect.objectContaining({ id: `${m.queueId}:r:a@remote.test`, rid: "r:a@remote.test", seq: 41 }),
+      expect.objectContaining({ id: `${m.queueId}:r:c@remote.test`, queueId: m.queueId, seq: 42 }),
+    ]);
+
+    // deferred: c has a retry job and waits for nothing; its sequence goes with its index entry
+    await q.scheduleRetry(m.queueId, "r:c@remote.test", 1, Date.now() - 1, deferred(), {
+      delayNotice: false,
+    });
+    expect(await q.dispatchSeq(m.queueId, "r:c@remote.test")).toBeNull();
+    // re-dispatched as attempt 2 in the request at sequence 57
+    const jobs = await q.claim(Date.now(), 10, 60_000);
+    expect(await q.completeDispatched(jobs, Date.now(), new Map([[jobs[0]!.id, 57]]))).toBe(1);
+    expect(await q.dispatchSeq(m.queueId, "r:c@remote.test")).toBe(57);
+
+    // a claimed silent recipient waits for nothing until it is dispatched again
+    const [stale] = await q.claimStale(Date.now(), Date.now(), 10, 60_000, noResult, [
+      `${m.queueId}:r:a@remote.test`,
+    ]);
+    expect(stale?.recipient.rid).toBe("r:a@remote.test");
+    expect(await q.dispatchSeq(m.queueId, "r:a@remote.test")).toBeNull();
+    await q.completeDispatched([stale!], Date.now()); // its sequence unknown this time
+    expect(await q.dispatchSeq(m.queueId, "r:a@remote.test")).toBeNull();
+    expect(await q.dispatchedAt(m.queueId, "r:a@remote.test")).not.toBeNull();
+
+    for (const rid of ["r:a@remote.test", "r:c@remote.test"]) {
+      await q.finishRecipient(m.queueId, rid, 2, "delivered", deferred(), { dsn: false });
+    }
+    expect(await q.isFinished(m.queueId)).toBe(true);
+    expect(await redis.zcard("mailpipe:dispatched")).toBe(0);
+    expect(await redis.exists("mailpipe:dseq")).toBe(0);
+  });
+
+  it("claims only the given silent recipients, and none another watchdog found still queued", async () => {
+    const q = new MailQueue(client());
+    const m = message();
+    const t0 = Date.now() - 10_000;
+    await q.createMessage(m, [remote("a@remote.test"), remote("b@remote.test"), remote("c@remote.test")], t0);
+    const id = (rid: string) => `${m.queueId}:${rid}`;
+    const now = Date.now();
+    // another replica saw b's request still in the stream and restarted its wait
+    expect(await q.touchDispatched([id("r:b@remote.test")], now)).toBe(1);
+    expect(await q.dispatchedAt(m.queueId, "r:b@remote.test")).toBe(now);
+    // touching never brings back an entry that went, nor moves one back in time
+    expect(await q.touchDispatched([id("r:x@remote.test")], now)).toBe(0);
+    expect(await q.touchDispatched([id("r:b@remote.test")], now - 5000)).toBe(0);
+
+    const jobs = await q.claimStale(now, now - 5000, 10, 60_000, noResult, [
+      id("r:a@remote.test"),
+      id("r:b@remote.test"),
+    ]);
+    expect(jobs.map((j) => j.id)).toEqual([id("r:a@remote.test")]);
+    // c was not asked for; b waits again
+    expect(await q.dispatchedAt(m.queueId, "r:c@remote.test")).toBe(t0);
+    expect(await q.dispatchedAt(m.queueId, "r:b@remote.test")).toBe(now);
+    expect(await q.claimStale(now, now - 5000, 10, 60_000, noResult, [])).toEqual([]);
   });
 
   it("drops index entries of recipients that need nothing any more", async () => {

@@ -11,7 +11,9 @@ import {
   FLUSH,
   MARK,
   PREPARE_TASK,
+  RECORD_DISPATCH,
   RELEASE_EXPIRED,
+  RENEW_LEASES,
   SCHEDULE_RETRY,
 } from "./scripts.ts";
 import type {
@@ -28,6 +30,7 @@ import type {
   RetryJob,
   ScheduledEntry,
   ScheduleResult,
+  StaleCandidate,
 } from "./types.ts";
 
 type Arg = string | number;
@@ -46,6 +49,8 @@ declare module "ioredis" {
     mpCompleteDsn(...args: Arg[]): Result<string[], Context>;
     mpMark(...args: Arg[]): Result<string, Context>;
     mpFlush(...args: Arg[]): Result<number, Context>;
+    mpRecordDispatch(...args: Arg[]): Result<number, Context>;
+    mpRenewLeases(...args: Arg[]): Result<string[], Context>;
   }
 }
 
@@ -62,6 +67,8 @@ const COMMANDS = {
   mpCompleteDsn: COMPLETE_DSN,
   mpMark: MARK,
   mpFlush: FLUSH,
+  mpRecordDispatch: RECORD_DISPATCH,
+  mpRenewLeases: RENEW_LEASES,
 } as const;
 
 export const DEFAULT_PREFIX = "mailpipe:";
@@ -344,11 +351,83 @@ export class MailQueue {
   }
 
   /**
+   * Extends the leases of claimed jobs to `until` (ms), only while the caller still holds them;
+   * returns the ids it still holds. A job missing from the answer lost its lease (another replica may
+   * be working on it): its work must not be done again.
+   */
+  async renewLeases(jobs: readonly { id: string; lease: string }[], until: number): Promise<Set<string>> {
+    if (jobs.length === 0) return new Set();
+    const held = await this.redis.mpRenewLeases(
+      this.prefix,
+      Math.round(until),
+      ...jobs.flatMap((j) => [j.id, j.lease]),
+    );
+    return new Set(held);
+  }
+
+  /**
+   * Records the MAIL_DELIVER stream sequence of the request that just dispatched these recipients
+   * of a message (first attempts; re-dispatches record it in completeDispatched), for the ones still
+   * waiting for a result. The watchdog looks it up before dispatching a silent recipient again.
+   */
+  async recordDispatch(queueId: string, entries: readonly { rid: string; seq: number }[]): Promise<number> {
+    if (entries.length === 0) return 0;
+    return this.redis.mpRecordDispatch(this.prefix, queueId, ...entries.flatMap((e) => [e.rid, e.seq]));
+  }
+
+  /**
+   * Up to `limit` recipients waiting for a result since `dispatchedBefore` or earlier, oldest first,
+   * with the stream sequence of their request when it was recorded. Only a look: claimStale() decides.
+   */
+  async staleCandidates(dispatchedBefore: number, limit: number): Promise<StaleCandidate[]> {
+    const flat = await this.redis.zrangebyscore(
+      `${this.prefix}dispatched`,
+      "-inf",
+      Math.floor(dispatchedBefore),
+      "WITHSCORES",
+      "LIMIT",
+      0,
+      limit,
+    );
+    const rows: { id: string; at: number }[] = [];
+    for (let i = 0; i + 1 < flat.length; i += 2) rows.push({ id: flat[i]!, at: Number(flat[i + 1]) });
+    if (rows.length === 0) return [];
+    const seqs = await this.redis.hmget(`${this.prefix}dseq`, ...rows.map((r) => r.id));
+    return rows.map(({ id, at }, i) => {
+      const sep = id.indexOf(":");
+      const seq = Number(seqs[i] ?? Number.NaN);
+      return {
+        id,
+        queueId: id.slice(0, sep),
+        rid: id.slice(sep + 1),
+        dispatchedAt: at,
+        ...(Number.isSafeInteger(seq) && seq > 0 ? { seq } : {}),
+      };
+    });
+  }
+
+  /**
+   * Restarts the wait of recipients whose request is still queued (their work is not lost): they are
+   * looked at again once another STALE_DISPATCH has passed. Entries that went meanwhile stay gone.
+   */
+  async touchDispatched(ids: readonly string[], now: number): Promise<number> {
+    if (ids.length === 0) return 0;
+    return this.redis.zadd(
+      `${this.prefix}dispatched`,
+      "XX",
+      "GT",
+      "CH",
+      ...ids.flatMap((id) => [Math.round(now), id]),
+    );
+  }
+
+  /**
    * The watchdog's claim: up to `limit` recipients still pending with no retry job, dispatched at
    * or before `dispatchedBefore` and never heard of since (the request or its status was lost, or a
-   * worker dropped it). Each one atomically moves on to its next attempt with `lastReply`, so a late
-   * status for the silent attempt is stale, and comes back as a retry job leased until
-   * `now + leaseMs` with `stale` set. Two routers calling this at once never get the same recipient.
+   * worker dropped it); with `ids`, only those of them. Each one atomically moves on to its next
+   * attempt with `lastReply`, so a late status for the silent attempt is stale, and comes back as a
+   * retry job leased until `now + leaseMs` with `stale` set. Two routers calling this at once never
+   * get the same recipient, and an entry another one touched since (touchDispatched) is not taken.
    */
   async claimStale(
     now: number,
@@ -356,7 +435,9 @@ export class MailQueue {
     limit: number,
     leaseMs: number,
     lastReply: Reply,
+    ids?: readonly string[],
   ): Promise<RetryJob[]> {
+    if (ids?.length === 0) return [];
     const rows = await this.redis.mpClaimStale(
       this.prefix,
       now,
@@ -364,6 +445,7 @@ export class MailQueue {
       limit,
       leaseMs,
       JSON.stringify(lastReply),
+      ...(ids ?? []),
     );
     const out: RetryJob[] = [];
     for (const [id, flat] of rows) {
@@ -376,14 +458,26 @@ export class MailQueue {
   /**
    * Completes retry jobs whose re-dispatch was acked (like complete()), and starts waiting for the
    * result of each recipient still pending on the attempt its job dispatched: from `now` on, the
-   * watchdog (claimStale) counts its silence.
+   * watchdog (claimStale) counts its silence. `seqs` maps a job id to the MAIL_DELIVER stream
+   * sequence of the request it went out in.
    */
   async completeDispatched(
     jobs: readonly { id: string; lease: string }[],
     now = Date.now(),
+    seqs: ReadonlyMap<string, number> = new Map(),
   ): Promise<number> {
     if (jobs.length === 0) return 0;
-    return this.redis.mpCompleteDispatched(this.prefix, now, ...jobs.flatMap((j) => [j.id, j.lease]));
+    return this.redis.mpCompleteDispatched(
+      this.prefix,
+      now,
+      ...jobs.flatMap((j) => [j.id, j.lease, seqs.get(j.id) ?? ""]),
+    );
+  }
+
+  /** The MAIL_DELIVER stream sequence a waiting recipient's request was stored at, or null. */
+  async dispatchSeq(queueId: string, rid: string): Promise<number | null> {
+    const v = await this.redis.hget(`${this.prefix}dseq`, `${queueId}:${rid}`);
+    return v === null ? null : Number(v);
   }
 
   /** When a recipient was last handed to a worker without a result since (ms), or null. */

@@ -19,10 +19,17 @@ local LEASE = P .. "lease"
 local MESSAGES = P .. "messages"
 -- recipients handed to a worker and not heard of since, by dispatch time; member = the retry job id
 local DISPATCHED = P .. "dispatched"
+-- the MAIL_DELIVER stream sequence of the request each DISPATCHED entry waits on (same member ids)
+local DSEQ = P .. "dseq"
+
+local function undispatch(id)
+  redis.call("ZREM", DISPATCHED, id)
+  redis.call("HDEL", DSEQ, id)
+end
 
 -- also ends the recipient's wait for a worker's result: it is final now, or has a retry job
 local function drop_job(id)
-  redis.call("ZREM", DISPATCHED, id)
+  undispatch(id)
   redis.call("ZREM", DUE, id)
   redis.call("ZREM", TASKS, id)
   redis.call("ZREM", LEASE, id)
@@ -220,15 +227,16 @@ return n
 `;
 
 /**
- * ARGV: prefix, now, id1, token1, id2, token2, ... Completes re-dispatched retry jobs still held under
- * those leases; a recipient still pending on the attempt its job dispatched then waits for a result
- * from now on (DISPATCHED). Returns how many jobs were removed.
+ * ARGV: prefix, now, id1, token1, seq1, id2, token2, seq2, ... Completes re-dispatched retry jobs still
+ * held under those leases; a recipient still pending on the attempt its job dispatched then waits for a
+ * result from now on (DISPATCHED), on the request stored at that stream sequence ("" = unknown).
+ * Returns how many jobs were removed.
  */
 export const COMPLETE_DISPATCHED = `${COMMON}
 local now = ARGV[2]
 local n = 0
-for i = 3, #ARGV, 2 do
-  local id, token = ARGV[i], ARGV[i + 1]
+for i = 3, #ARGV, 3 do
+  local id, token, seq = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local jk = jkey(id)
   if redis.call("HGET", jk, "lease") == token then
     local f = redis.call("HMGET", jk, "queueId", "rid", "recipient")
@@ -240,6 +248,7 @@ for i = 3, #ARGV, 2 do
       local r = cjson.decode(raw)
       if r.state == "pending" and tonumber(r.attempt) == tonumber(cjson.decode(f[3]).attempt) then
         redis.call("ZADD", DISPATCHED, now, id)
+        if seq ~= "" then redis.call("HSET", DSEQ, id, seq) else redis.call("HDEL", DSEQ, id) end
       end
     end
   end
@@ -248,20 +257,33 @@ return n
 `;
 
 /**
- * ARGV: prefix, now, dispatchedBefore, limit, leaseMs, lastReplyJson. The watchdog: recipients still
- * pending, with no retry job, dispatched at or before `dispatchedBefore` (their worker never
- * reported). Each one moves on to its next attempt (so a late status for the old one is stale) with
- * `lastReply`, as a retry job leased to the caller, marked `stale` = its dispatch time (ms).
- * Entries that need nothing (final, gone, or with a job) are dropped. Returns {id, {field, value, ...}}.
+ * ARGV: prefix, now, dispatchedBefore, limit, leaseMs, lastReplyJson[, id1, id2, ...]. The watchdog:
+ * recipients still pending, with no retry job, dispatched at or before `dispatchedBefore` (their worker
+ * never reported): the oldest `limit` entries, or only the given ids (each still re-checked against
+ * `dispatchedBefore`, as another replica may have found its request still queued and pushed it back).
+ * Each one moves on to its next attempt (so a late status for the old one is stale) with `lastReply`,
+ * as a retry job leased to the caller, marked `stale` = its dispatch time (ms). Entries that need
+ * nothing (final, gone, or with a job) are dropped. Returns {id, {field, value, ...}}.
  */
 export const CLAIM_STALE = `${COMMON}
 local now = ARGV[2]
 local until_ = tonumber(now) + tonumber(ARGV[5])
 local out = {}
-local rows = redis.call("ZRANGEBYSCORE", DISPATCHED, "-inf", ARGV[3], "WITHSCORES", "LIMIT", 0, tonumber(ARGV[4]))
+local rows = {}
+if #ARGV > 6 then
+  for i = 7, #ARGV do
+    local score = redis.call("ZSCORE", DISPATCHED, ARGV[i])
+    if score and tonumber(score) <= tonumber(ARGV[3]) then
+      rows[#rows + 1] = ARGV[i]
+      rows[#rows + 1] = score
+    end
+  end
+else
+  rows = redis.call("ZRANGEBYSCORE", DISPATCHED, "-inf", ARGV[3], "WITHSCORES", "LIMIT", 0, tonumber(ARGV[4]))
+end
 for i = 1, #rows, 2 do
   local id, since = rows[i], rows[i + 1]
-  redis.call("ZREM", DISPATCHED, id)
+  undispatch(id)
   -- queue ids have no colon: the rid is everything after the first one
   local sep = string.find(id, ":", 1, true)
   if sep then
@@ -283,6 +305,41 @@ for i = 1, #rows, 2 do
         out[#out + 1] = {id, redis.call("HGETALL", jk)}
       end
     end
+  end
+end
+return out
+`;
+
+/**
+ * ARGV: prefix, queueId, rid1, seq1, rid2, seq2, ... Records the stream sequence of the request each
+ * recipient was just dispatched in, for those still waiting for a result (a fast worker's status may
+ * have finished the recipient already). Returns how many were recorded.
+ */
+export const RECORD_DISPATCH = `${COMMON}
+local q = ARGV[2]
+local n = 0
+for i = 3, #ARGV, 2 do
+  local id = q .. ":" .. ARGV[i]
+  if redis.call("ZSCORE", DISPATCHED, id) then
+    redis.call("HSET", DSEQ, id, ARGV[i + 1])
+    n = n + 1
+  end
+end
+return n
+`;
+
+/**
+ * ARGV: prefix, now, id1, token1, id2, token2, ... Extends the leases of jobs still held under those
+ * tokens to ARGV[2]; returns the ids still held (a job missing from the answer was lost: another
+ * replica may have taken it).
+ */
+export const RENEW_LEASES = `${COMMON}
+local out = {}
+for i = 3, #ARGV, 2 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  if redis.call("HGET", jkey(id), "lease") == token then
+    redis.call("ZADD", LEASE, "XX", ARGV[2], id)
+    out[#out + 1] = id
   end
 end
 return out

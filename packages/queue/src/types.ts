@@ -159,3 +159,15 @@ export interface QueueStats {
   /** ISO acceptance time of the oldest message not yet final, null when none */
   oldestReceivedAt: string | null;
 }
+
+/** A recipient the watchdog may take: waiting for a worker's result since `dispatchedAt`. */
+export interface StaleCandidate {
+  /** `<queueId>:<rid>`, for claimStale() and touchDispatched() */
+  id: string;
+  queueId: string;
+  rid: string;
+  /** ms */
+  dispatchedAt: number;
+  /** the MAIL_DELIVER stream sequence of its request, when recorded */
+  seq?: number;
+}

@@ -24,6 +24,7 @@ describe("delivery config", () => {
       SMTP_IDLE_CONNECTION_TIMEOUT: 30_000,
       DELIVERY_ACK_WAIT: 120_000,
       SMTP_BLOCK_LOCAL_ADDRESSES: true,
+      METRICS_MAX_DESTINATIONS: 200,
     });
   });
 

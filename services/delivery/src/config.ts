@@ -41,6 +41,11 @@ export const config = baseConfig.extend({
   SMTP_IDLE_CONNECTION_TIMEOUT: positive("30s"),
   /** JetStream ack wait; the bus keeps extending it while a transaction runs */
   DELIVERY_ACK_WAIT: positive("2m"),
+  /**
+   * destinations with their own `destination` label on delivery_outcomes_total (the first ones seen
+   * by this process); later ones are counted as "other", so the series stay bounded
+   */
+  METRICS_MAX_DESTINATIONS: z.coerce.number().int().min(0).max(100_000).default(200),
   /** refuse to connect to loopback, private and link-local addresses (SSRF through MX records) */
   SMTP_BLOCK_LOCAL_ADDRESSES: bool(true),
 });

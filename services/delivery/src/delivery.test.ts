@@ -422,6 +422,29 @@ describe("delivery", () => {
     expect(await metric(telemetry, "delivery_outcomes_total", 'outcome="delivered"')).toBe(20);
   });
 
+  it("labels outcomes by destination for the first METRICS_MAX_DESTINATIONS destinations, the rest as other", async () => {
+    const { port } = await peers(["127.0.0.2"]);
+    const { telemetry } = await worker(port, { METRICS_MAX_DESTINATIONS: "2" });
+    const seen = await statuses();
+    // one after the other, so which destinations come first is certain
+    const domains = ["d1.test", "d2.test", "d3.test", "d4.test", "d1.test", "d5.test"];
+    for (const [i, domain] of domains.entries()) {
+      await publishRequest(admin, {
+        domain,
+        hosts: [mx(`mx.${domain}`, 10, "127.0.0.2")],
+        recipients: [`user${i}@${domain}`],
+        body: message(`to ${domain}`, `user${i}@${domain}`),
+      });
+      await seen.waitFor(i + 1);
+    }
+    const text = await telemetry.metrics.text();
+    const series = text.split("\n").filter((l) => l.startsWith("mailpipe_delivery_outcomes_total{"));
+    const byDestination = Object.fromEntries(
+      series.map((l) => [/destination="([^"]*)"/.exec(l)?.[1], Number(l.split(" ").pop())]),
+    );
+    expect(byDestination).toEqual({ "d1.test": 2, "d2.test": 1, other: 3 });
+  });
+
   it("retries nothing itself: a deferred recipient is reported once and acked", async () => {
     const {
       port,

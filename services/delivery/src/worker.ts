@@ -43,6 +43,7 @@ export interface WorkerDeps {
     | "SMTP_MAX_MESSAGES_PER_CONNECTION"
     | "SMTP_IDLE_CONNECTION_TIMEOUT"
     | "SMTP_BLOCK_LOCAL_ADDRESSES"
+    | "METRICS_MAX_DESTINATIONS"
   >;
   bus: Pick<Bus, "publish" | "emit">;
   bodies: Pick<BodyStore, "read">;
@@ -62,6 +63,24 @@ export interface DeliveryWorker {
   close(): Promise<void>;
 }
 
+/** The label value for `destination="other"`: every destination past METRICS_MAX_DESTINATIONS. */
+export const OTHER_DESTINATION = "other";
+
+/**
+ * The first `max` distinct values keep their own label value and later ones share `other`: a
+ * label per recipient domain would add a time series per domain ever seen, for the life of the
+ * process (and of every Prometheus that scrapes it).
+ */
+export function boundedLabel(max: number): (value: string) => string {
+  const seen = new Set<string>();
+  return (value) => {
+    if (seen.has(value)) return value;
+    if (seen.size >= max) return OTHER_DESTINATION;
+    seen.add(value);
+    return value;
+  };
+}
+
 export function createWorker(deps: WorkerDeps): DeliveryWorker {
   const { config, bus, bodies, telemetry } = deps;
   const workerId = deps.workerId ?? `${config.MAIL_HOSTNAME}/${process.pid}`;
@@ -70,9 +89,10 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
 
   const outcomes = metrics.counter(
     "delivery_outcomes_total",
-    "Recipients reported, by outcome and destination",
+    `Recipients reported, by outcome and destination (past METRICS_MAX_DESTINATIONS destinations: "${OTHER_DESTINATION}")`,
     ["outcome", "destination"],
   );
+  const destinationLabel = boundedLabel(config.METRICS_MAX_DESTINATIONS);
   const transactionSeconds = metrics.histogram(
     "delivery_transaction_seconds",
     "Time per delivery request, every address tried included",
@@ -170,7 +190,7 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
     const destination = request.destination.domain;
     for (const r of results) {
       const attempt = request.recipients.find((x) => x.address === r.address)?.attempt;
-      outcomes.inc({ outcome: r.outcome, destination });
+      outcomes.inc({ outcome: r.outcome, destination: destinationLabel(destination) });
       bus.emit({
         type: r.outcome,
         queueId: request.queueId,

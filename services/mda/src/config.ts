@@ -12,5 +12,10 @@ export const config = baseConfig.extend({
   /** fsync files and directories before reporting delivered; turn off only for benchmarks */
   MDA_FSYNC: bool(true),
   MDA_ACK_WAIT: duration("60s"),
+  /**
+   * a +tag's folder is created only while the mailbox has fewer folders than this (0: never);
+   * otherwise, and for special-use names, the copy goes to INBOX
+   */
+  MDA_MAX_AUTO_FOLDERS: z.coerce.number().int().min(0).max(100_000).default(50),
 });
 export type Config = z.infer<typeof config>;

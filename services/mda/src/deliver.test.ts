@@ -97,7 +97,13 @@ interface Harness {
 
 /** The mda handler on its own Bus connection, consuming "mda" as the service does. */
 async function harness(
-  opts: { root?: string; carolQuota?: string; ackWaitMs?: number; redis?: Redis } = {},
+  opts: {
+    root?: string;
+    carolQuota?: string;
+    ackWaitMs?: number;
+    redis?: Redis;
+    maxAutoFolders?: number;
+  } = {},
 ): Promise<Harness> {
   const tmp: TempDir = await tempDir("mda-deliver");
   cleanups.push(() => tmp.remove());
@@ -141,6 +147,7 @@ async function harness(
     redis: opts.redis ?? redis,
     directory: () => watcher.current(),
     telemetry,
+    ...(opts.maxAutoFolders !== undefined ? { maxAutoFolders: opts.maxAutoFolders } : {}),
   });
   const sub = await mda.consume("mda", LocalDeliveryRequest, deliverer.handle, {
     maxInFlight: 8,
@@ -300,6 +307,39 @@ describe("local delivery", () => {
     expect(metrics).toMatch(/mailpipe_mda_write_seconds_count\{service="mda"\} 2/);
     // small bodies are read once per request, not per recipient
     expect(h.bodyCalls).toEqual({ read: 0, readBuffer: 1 });
+  });
+
+  it("delivers +tags to INBOX (Delivered-To still the plus address) for special-use names and past MDA_MAX_AUTO_FOLDERS", async () => {
+    const h = await harness({ maxAutoFolders: 1 });
+    const ref = await storeBody(Buffer.from("Subject: tagged\r\n\r\nx\r\n"));
+    const req = request(ref, [
+      { mailbox: "bob@example.test", address: "bob+Trash@example.test", folder: "Trash", attempt: 1 },
+      { mailbox: "bob@example.test", address: "bob+news@example.test", folder: "news", attempt: 1 },
+      { mailbox: "bob@example.test", address: "bob+lists@example.test", folder: "lists", attempt: 1 },
+    ]);
+    await send(req);
+    await waitFor(() => h.statuses.length >= 3, { message: "three statuses" });
+    expect(h.statuses.map((s) => s.outcome)).toEqual(["delivered", "delivered", "delivered"]);
+
+    const maildir = join(h.root, "example.test/bob/Maildir");
+    // news was the one folder allowed; Trash is never created, lists is over the limit
+    expect((await readdir(maildir)).filter((n) => n.startsWith("."))).toEqual([".news"]);
+    expect(await files(join(maildir, ".news/new"))).toHaveLength(1);
+    const inbox = await files(join(maildir, "new"));
+    expect(inbox).toHaveLength(2);
+    const deliveredTo = await Promise.all(
+      inbox.map(
+        async (n) => /Delivered-To: (\S+)\r\n/.exec(await readFile(join(maildir, "new", n), "utf8"))?.[1],
+      ),
+    );
+    expect(deliveredTo.sort()).toEqual(["bob+Trash@example.test", "bob+lists@example.test"]);
+    expect(await readFile(join(maildir, "subscriptions"), "utf8")).toBe("news\n");
+    expect(
+      h.logs.filter((l) => l.msg === "delivered" && l.tagFolder).map((l) => [l.recipient, l.tagFolder]),
+    ).toEqual([
+      ["bob+Trash@example.test", "Trash"],
+      ["bob+lists@example.test", "lists"],
+    ]);
   });
 
   it("writes <> as the Return-Path of a bounce", async () => {

@@ -202,7 +202,8 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
       bytesWritten.inc(size);
       await markDone(key, path);
       // a +tag whose folder does not exist and was not created (special-use name, or too many folders)
-      const inbox = rcpt.folder !== undefined && folder.folder === undefined ? { tagFolder: rcpt.folder } : {};
+      const inbox =
+        rcpt.folder !== undefined && folder.folder === undefined ? { tagFolder: rcpt.folder } : {};
       log.info({ recipient: rcpt.address, path, size, ...inbox }, "delivered");
       return { outcome: "delivered", reply: replies.delivered("Delivered to maildir") };
     } catch (err) {

@@ -1,4 +1,5 @@
 import { createHash } from "node:crypto";
+import { existsSync } from "node:fs";
 import { mkdir, readdir, readFile, stat, utimes, writeFile } from "node:fs/promises";
 import { join, relative, resolve } from "node:path";
 import { Readable } from "node:stream";
@@ -6,9 +7,12 @@ import { newQueueId, queueIdTime } from "@mailpipe/contracts";
 import { type TempDir, tempDir } from "@mailpipe/testing";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import {
+  countFolders,
   DirSyncer,
   deliveryHeader,
   encodeLocalPart,
+  isReservedFolder,
+  LruSet,
   MaildirStore,
   mailboxDir,
   messageName,
@@ -85,8 +89,14 @@ describe("message names", () => {
 });
 
 describe("MaildirStore", () => {
-  const store = (opts: Partial<{ staleTmpMs: number; syncer: DirSyncer }> = {}) =>
-    new MaildirStore({ root: dir.path, fsync: true, staleTmpMs: 10_000, ...opts });
+  const store = (
+    opts: Partial<{
+      staleTmpMs: number;
+      syncer: DirSyncer;
+      maxAutoFolders: number;
+      readyCacheSize: number;
+    }> = {},
+  ) => new MaildirStore({ root: dir.path, fsync: true, staleTmpMs: 10_000, ...opts });
 
   it("creates tmp/new/cur with mode 0700 and writes 0600 files, header then body byte-exact", async () => {
     const s = store();
@@ -122,6 +132,95 @@ describe("MaildirStore", () => {
     // a second store (another process) finds the folder complete and does not subscribe it again
     await store().folder("alice@example.test", "news");
     expect(await readFile(join(f.maildir, "subscriptions"), "utf8")).toBe("news\nlists\n");
+  });
+
+  it("never lets a +tag reach a special-use folder: INBOX instead, even when the folder exists", async () => {
+    const s = store();
+    const maildir = join(dir.path, "example.test/alice/Maildir");
+    // Dovecot's own special-use folders, as it creates them
+    for (const f of [".Trash", ".Sent", ".Junk", ".Drafts"]) {
+      for (const sub of ["tmp", "new", "cur"]) await mkdir(join(maildir, f, sub), { recursive: true });
+    }
+    for (const tag of [
+      "Trash",
+      "trash",
+      "SENT",
+      "Junk",
+      "spam",
+      "Drafts",
+      "archive",
+      "INBOX",
+      "INBOX.Trash",
+      "inbox.sent",
+    ]) {
+      const f = await s.folder("alice@example.test", tag);
+      expect(f.dir, tag).toBe(maildir);
+      expect(f.folder, tag).toBeUndefined();
+    }
+    expect((await readdir(maildir)).filter((n) => n.startsWith(".")).sort()).toEqual([
+      ".Drafts",
+      ".Junk",
+      ".Sent",
+      ".Trash",
+    ]);
+    expect(existsSync(join(maildir, "subscriptions"))).toBe(false);
+    expect(isReservedFolder("news")).toBe(false);
+    expect(isReservedFolder("Trash-2024")).toBe(false);
+  });
+
+  it("creates +tag folders only below maxAutoFolders, and still delivers into ones that exist", async () => {
+    const s = store({ maxAutoFolders: 3 });
+    const maildir = join(dir.path, "example.test/alice/Maildir");
+    // one folder the user made in the IMAP client
+    for (const sub of ["tmp", "new", "cur"])
+      await mkdir(join(maildir, ".Projects", sub), { recursive: true });
+    expect((await s.folder("alice@example.test", "a")).folder).toBe("a");
+    expect((await s.folder("alice@example.test", "b")).folder).toBe("b");
+    // three folders now: more tags go to INBOX, and nothing is created or subscribed for them
+    for (const tag of ["c", "d", "e"]) {
+      const f = await s.folder("alice@example.test", tag);
+      expect(f, tag).toEqual({ maildir, dir: maildir });
+    }
+    expect(await countFolders(maildir)).toBe(3);
+    expect(await readFile(join(maildir, "subscriptions"), "utf8")).toBe("a\nb\n");
+    // existing folders keep receiving, whether created by us or by the user
+    expect((await s.folder("alice@example.test", "Projects")).dir).toBe(join(maildir, ".Projects"));
+    expect((await s.folder("alice@example.test", "a")).dir).toBe(join(maildir, ".a"));
+    // the limit is per mailbox
+    expect((await s.folder("bob@example.test", "c")).folder).toBe("c");
+  });
+
+  it("does not exceed maxAutoFolders when many copies for new tags arrive at once", async () => {
+    const s = store({ maxAutoFolders: 4 });
+    const tags = Array.from({ length: 20 }, (_, i) => `t${i}`);
+    const got = await Promise.all(tags.map((t) => s.folder("alice@example.test", t)));
+    expect(got.filter((f) => f.folder !== undefined)).toHaveLength(4);
+    expect(await countFolders(join(dir.path, "example.test/alice/Maildir"))).toBe(4);
+  });
+
+  it("with maxAutoFolders 0 creates no folder, but uses one that exists", async () => {
+    const s = store({ maxAutoFolders: 0 });
+    const maildir = join(dir.path, "example.test/alice/Maildir");
+    expect(await s.folder("alice@example.test", "news")).toEqual({ maildir, dir: maildir });
+    expect(await countFolders(maildir)).toBe(0);
+    await mkdir(join(maildir, ".lists"));
+    const lists = await s.folder("alice@example.test", "lists");
+    expect(lists.dir).toBe(join(maildir, ".lists"));
+    // completed like any folder of ours: tmp/new/cur and the maildirfolder marker
+    for (const sub of ["tmp", "new", "cur"])
+      expect((await stat(join(lists.dir, sub))).isDirectory()).toBe(true);
+    await s.write(lists.dir, "n1", content("x"));
+    expect(await readdir(join(lists.dir, "new"))).toEqual(["n1"]);
+  });
+
+  it("remembers a bounded number of prepared folders", async () => {
+    const s = store({ readyCacheSize: 5 });
+    for (let i = 0; i < 12; i++) await s.folder(`user${i}@example.test`, "news");
+    expect(s.cachedFolders).toBe(5);
+    // a forgotten one is prepared again from disk
+    const f = await s.folder("user0@example.test", "news");
+    await s.write(f.dir, "n1", content("x"));
+    expect(await readdir(join(f.dir, "new"))).toEqual(["n1"]);
   });
 
   it("keeps an existing subscriptions file and adds a newline before appending", async () => {
@@ -185,6 +284,20 @@ describe("MaildirStore", () => {
     expect(await s.delivered(f.dir, "n5")).toBe(false);
     await s.write(f.dir, "n5", content("x"));
     expect(await s.delivered(f.dir, "n5")).toBe(true);
+  });
+});
+
+describe("LruSet", () => {
+  it("forgets the least recently used entry beyond its size", () => {
+    const set = new LruSet(2);
+    set.add("a");
+    set.add("b");
+    expect(set.has("a")).toBe(true); // a is now the most recent
+    set.add("c");
+    expect(set.has("b")).toBe(false);
+    expect(set.has("a")).toBe(true);
+    expect(set.has("c")).toBe(true);
+    expect(set.size).toBe(2);
   });
 });
 

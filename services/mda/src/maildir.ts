@@ -1,6 +1,16 @@
 import { createHash } from "node:crypto";
 import { constants } from "node:fs";
-import { type FileHandle, lstat, mkdir, open, readFile, rename, stat, unlink } from "node:fs/promises";
+import {
+  type FileHandle,
+  lstat,
+  mkdir,
+  open,
+  readdir,
+  readFile,
+  rename,
+  stat,
+  unlink,
+} from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import type { Readable } from "node:stream";
 import { parseAddress, queueIdTime } from "@mailpipe/contracts";
@@ -60,6 +70,70 @@ export function mailboxDir(root: string, mailbox: string): string {
     throw new MailboxPathError(`${JSON.stringify(mailbox)} is not a mailbox address`);
   }
   return join(root, parsed.domain, encodeLocalPart(parsed.local), "Maildir");
+}
+
+/**
+ * Folder names a sender must not reach with a +tag (RFC 6154 special-use and INBOX itself): mail
+ * dropped there would look sent or drafted by the owner, or be hidden in the trash or spam folder.
+ */
+const RESERVED_FOLDERS = new Set(["inbox", "trash", "junk", "spam", "sent", "drafts", "archive"]);
+
+/** Whether a +tag names a special-use folder, also in Dovecot's `INBOX.<name>` form (any case). */
+export function isReservedFolder(tag: string): boolean {
+  const name = tag.toLowerCase();
+  return RESERVED_FOLDERS.has(name.startsWith("inbox.") ? name.slice("inbox.".length) : name);
+}
+
+/** How many Maildir++ folders (`.<name>` directories) a Maildir has. */
+export async function countFolders(maildir: string): Promise<number> {
+  try {
+    const entries = await readdir(maildir, { withFileTypes: true });
+    return entries.filter(
+      (e) => e.isDirectory() && e.name.startsWith(".") && e.name !== "." && e.name !== "..",
+    ).length;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return 0;
+    throw err;
+  }
+}
+
+async function isDirectory(path: string): Promise<boolean> {
+  return stat(path).then(
+    (s) => s.isDirectory(),
+    () => false,
+  );
+}
+
+/** A set that forgets its least recently used entries beyond `max`. */
+export class LruSet {
+  readonly #max: number;
+  readonly #entries = new Set<string>();
+
+  constructor(max: number) {
+    this.#max = max;
+  }
+
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  has(key: string): boolean {
+    if (!this.#entries.has(key)) return false;
+    // Set keeps insertion order: re-inserting makes it the most recently used
+    this.#entries.delete(key);
+    this.#entries.add(key);
+    return true;
+  }
+
+  add(key: string): void {
+    this.#entries.delete(key);
+    this.#entries.add(key);
+    if (this.#entries.size > this.#max) this.#entries.delete(this.#entries.values().next().value!);
+  }
+
+  delete(key: string): void {
+    this.#entries.delete(key);
+  }
 }
 
 /** Maildir's escapes for the host part of a name (`,` too: Maildir++ reads `,S=` after it). */
@@ -157,6 +231,13 @@ export interface MaildirOptions {
   /** a tmp file older than this belongs to a writer that died; younger, to one still at work */
   staleTmpMs: number;
   syncer?: DirSyncer;
+  /**
+   * MDA_MAX_AUTO_FOLDERS: a +tag folder is created only while the mailbox has fewer folders than
+   * this (0: never); otherwise the copy goes to INBOX. Default 50.
+   */
+  maxAutoFolders?: number;
+  /** how many prepared Maildirs and folders are remembered (default 10000) */
+  readyCacheSize?: number;
 }
 
 /** The bytes of one copy: the delivery header, then the body from memory or from a stream. */
@@ -171,6 +252,8 @@ export interface Folder {
   maildir: string;
   /** where messages go: the Maildir root, or `<root>/.<folder>` */
   dir: string;
+  /** the Maildir++ folder used; absent for INBOX (also when a +tag's folder was not created) */
+  folder?: string;
 }
 
 /** Writes messages into Maildirs under one root, creating mailboxes and folders on first use. */
@@ -179,23 +262,56 @@ export class MaildirStore {
   readonly #fsync: boolean;
   readonly #staleTmpMs: number;
   readonly #syncer: DirSyncer;
-  /** folders known to exist with tmp/new/cur, so the common case costs no mkdir */
-  readonly #ready = new Set<string>();
-  readonly #locks = new Map<string, Promise<void>>();
+  readonly #maxAutoFolders: number;
+  /**
+   * folders known to exist with tmp/new/cur, so the common case costs no mkdir; bounded, as every
+   * mailbox and folder ever delivered to would otherwise stay in memory (a forgotten one only costs
+   * its mkdirs again)
+   */
+  readonly #ready: LruSet;
+  readonly #locks = new Map<string, Promise<unknown>>();
 
   constructor(opts: MaildirOptions) {
     this.root = opts.root;
     this.#fsync = opts.fsync;
     this.#staleTmpMs = opts.staleTmpMs;
     this.#syncer = opts.syncer ?? new DirSyncer();
+    this.#maxAutoFolders = opts.maxAutoFolders ?? 50;
+    this.#ready = new LruSet(opts.readyCacheSize ?? 10_000);
   }
 
-  /** The folder for `mailbox` (and `folder`), created when missing. */
+  /** Maildirs and folders remembered as prepared (bounded by `readyCacheSize`). */
+  get cachedFolders(): number {
+    return this.#ready.size;
+  }
+
+  /**
+   * Where a copy for `mailbox` (and its +tag `folder`) goes, created when missing. Anyone can send
+   * to any +tag, so a tag's folder is used when it exists, and created only when it is no
+   * special-use name and the mailbox has fewer than `maxAutoFolders` folders; otherwise INBOX.
+   */
   async folder(mailbox: string, folder?: string): Promise<Folder> {
     const maildir = mailboxDir(this.root, mailbox);
-    const dir = folder === undefined ? maildir : join(maildir, `.${folder}`);
-    await this.#prepare(maildir, folder);
-    return { maildir, dir };
+    const name = folder === undefined || isReservedFolder(folder) ? undefined : folder;
+    if (name !== undefined) {
+      const dir = join(maildir, `.${name}`);
+      if (this.#ready.has(dir) || (await isDirectory(dir))) {
+        await this.#prepare(maildir, name);
+        return { maildir, dir, folder: name };
+      }
+      if (this.#maxAutoFolders > 0) {
+        // one creation per mailbox at a time, so concurrent copies cannot all slip under the limit
+        const created = await this.#locked(maildir, async () => {
+          if (!(await isDirectory(dir)) && (await countFolders(maildir)) >= this.#maxAutoFolders)
+            return false;
+          await this.#prepare(maildir, name);
+          return true;
+        });
+        if (created) return { maildir, dir, folder: name };
+      }
+    }
+    await this.#prepare(maildir, undefined);
+    return { maildir, dir: maildir };
   }
 
   /** Whether `new/<name>` is there; if so, makes sure its directory entry is on disk. */
@@ -337,13 +453,13 @@ export class MaildirStore {
     });
   }
 
-  async #locked(key: string, fn: () => Promise<void>): Promise<void> {
+  async #locked<T>(key: string, fn: () => Promise<T>): Promise<T> {
     const before = this.#locks.get(key) ?? Promise.resolve();
     const run = before.then(fn, fn);
     const tail = run.catch(() => {});
     this.#locks.set(key, tail);
     try {
-      await run;
+      return await run;
     } finally {
       if (this.#locks.get(key) === tail) this.#locks.delete(key);
     }

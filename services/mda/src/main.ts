@@ -30,6 +30,7 @@ await runService({
       hostname: config.MAIL_HOSTNAME,
       fsync: config.MDA_FSYNC,
       ackWaitMs: config.MDA_ACK_WAIT,
+      maxAutoFolders: config.MDA_MAX_AUTO_FOLDERS,
       bus,
       bodies: await bus.bodies(),
       redis,

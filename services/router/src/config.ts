@@ -22,8 +22,8 @@ export const config = baseConfig.extend({
   /** how long a claimed job stays with this replica before another may take it */
   SCHEDULER_LEASE: duration("60s"),
   /**
-   * a recipient handed to a worker with no status back for this long is dispatched again (or
-   * expires): longer than any worker's legitimate silence (delivery heartbeats up to 1 h)
+   * a recipient handed to a worker with no status back for this long, whose request is no longer
+   * waiting in MAIL_DELIVER, is dispatched again (or expires); a request still queued is left alone
    */
   STALE_DISPATCH: duration("1h").refine((ms) => ms > 0, { message: "must be longer than 0" }),
   /** bounces of one message arriving within this time go into one DSN */

@@ -26,6 +26,19 @@ export interface DispatchMessage {
   bodyType: "7BIT" | "8BITMIME";
 }
 
+/** One request published: its dispatch id, where MAIL_DELIVER stored it, and the recipients in it. */
+export interface Published {
+  dispatchId: string;
+  /** the stream sequence from JetStream's ack (a deduplicated publish names the stored original) */
+  seq: number;
+  rids: string[];
+}
+
+/** rid → the stream sequence of the request it went out in, as the queue records it. */
+export function dispatchSeqs(published: readonly Published[]): { rid: string; seq: number }[] {
+  return published.flatMap((p) => p.rids.map((rid) => ({ rid, seq: p.seq })));
+}
+
 export function chunk<T>(items: readonly T[], size = MAX_RECIPIENTS_PER_REQUEST): T[][] {
   const out: T[][] = [];
   for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
@@ -80,8 +93,8 @@ export async function publishLocal(
   msg: DispatchMessage,
   recipients: readonly RecipientRecord[],
   opts: { retry: boolean },
-): Promise<string[]> {
-  const ids: string[] = [];
+): Promise<Published[]> {
+  const out: Published[] = [];
   for (const [i, part] of chunk(recipients).entries()) {
     const attempt = Math.max(...part.map((r) => r.attempt));
     const id = dispatchId(msg.queueId, "local", attempt, {
@@ -102,10 +115,10 @@ export async function publishLocal(
       })),
       body: msg.body,
     };
-    await ctx.bus.publish(subjects.deliverLocal(), LocalDeliveryRequest, request, { msgId: id });
-    ids.push(id);
+    const ack = await ctx.bus.publish(subjects.deliverLocal(), LocalDeliveryRequest, request, { msgId: id });
+    out.push({ dispatchId: id, seq: ack.seq, rids: part.map((r) => r.rid) });
   }
-  return ids;
+  return out;
 }
 
 /** Publishes remote requests for one destination, one per chunk of recipients. */
@@ -116,8 +129,8 @@ export async function publishRemote(
   hosts: MxHost[],
   recipients: readonly RecipientRecord[],
   opts: { retry: boolean },
-): Promise<string[]> {
-  const ids: string[] = [];
+): Promise<Published[]> {
+  const out: Published[] = [];
   const dest = destinationToken(domain);
   for (const [i, part] of chunk(recipients).entries()) {
     const attempt = Math.max(...part.map((r) => r.attempt));
@@ -141,8 +154,10 @@ export async function publishRemote(
       bodyType: msg.bodyType,
       body: msg.body,
     };
-    await ctx.bus.publish(subjects.deliverRemote(domain), RemoteDeliveryRequest, request, { msgId: id });
-    ids.push(id);
+    const ack = await ctx.bus.publish(subjects.deliverRemote(domain), RemoteDeliveryRequest, request, {
+      msgId: id,
+    });
+    out.push({ dispatchId: id, seq: ack.seq, rids: part.map((r) => r.rid) });
   }
-  return ids;
+  return out;
 }

@@ -68,6 +68,10 @@ export function routerMetrics(metrics: Metrics, queue: MailQueue, log: Logger) {
       "Recipients dispatched again because no worker reported on the previous attempt (STALE_DISPATCH)",
       ["kind"],
     ),
+    staleQueued: metrics.counter(
+      "router_stale_queued_total",
+      "Silent recipients found still waiting in MAIL_DELIVER after STALE_DISPATCH: left to their worker, not dispatched again",
+    ),
     staleExpired: metrics.counter(
       "router_stale_expired_total",
       "Recipients expired past QUEUE_LIFETIME with no worker report on their last attempt",

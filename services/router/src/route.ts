@@ -3,7 +3,14 @@ import { type QueuedMail, replies } from "@mailpipe/contracts";
 import type { MessageInput, RecipientRecord } from "@mailpipe/queue";
 import { attr, inSpan, SpanKind } from "@mailpipe/telemetry";
 import type { RouterContext } from "./deps.ts";
-import { type DispatchMessage, lookupMailHosts, publishLocal, publishRemote, toMxHosts } from "./dispatch.ts";
+import {
+  type DispatchMessage,
+  dispatchSeqs,
+  lookupMailHosts,
+  publishLocal,
+  publishRemote,
+  toMxHosts,
+} from "./dispatch.ts";
 import { expandRecipients } from "./expand.ts";
 import { mapLimit } from "./limit.ts";
 import { deferRecipient, finishRecipient, type OutcomeMessage, observeFinal } from "./outcomes.ts";
@@ -100,7 +107,8 @@ export function createRouteHandler(ctx: RouterContext) {
         if (local.length > 0) {
           // stamped before the publish: the mda may report before this event is emitted
           const at = new Date().toISOString();
-          const ids = await publishLocal(ctx, msg, local, { retry: false });
+          const published = await publishLocal(ctx, msg, local, { retry: false });
+          await ctx.queue.recordDispatch(mail.queueId, dispatchSeqs(published));
           ctx.metrics.routed.inc({ kind: "local" }, local.length);
           ctx.bus.emit({
             type: "routed",
@@ -108,7 +116,7 @@ export function createRouteHandler(ctx: RouterContext) {
             queueId: mail.queueId,
             recipients: local.map((r) => r.address),
             attempt: 1,
-            detail: `local delivery (${ids.join(", ")})`,
+            detail: `local delivery (${published.map((p) => p.dispatchId).join(", ")})`,
           });
         }
         await mapLimit([...remote], DOMAIN_CONCURRENCY, ([domain, rcpts]) =>
@@ -165,7 +173,9 @@ async function routeDomain(
   const at = new Date(ctx.now()).toISOString();
   if (hosts.kind === "hosts") {
     const at = new Date().toISOString(); // before the publish: delivery may report first
-    const ids = await publishRemote(ctx, msg, domain, toMxHosts(hosts), rcpts, { retry: false });
+    const published = await publishRemote(ctx, msg, domain, toMxHosts(hosts), rcpts, { retry: false });
+    // the watchdog looks the request up by this before it dispatches a silent recipient again
+    await ctx.queue.recordDispatch(msg.queueId, dispatchSeqs(published));
     ctx.metrics.routed.inc({ kind: "remote" }, rcpts.length);
     ctx.bus.emit({
       type: "routed",
@@ -174,7 +184,9 @@ async function routeDomain(
       recipients: rcpts.map((r) => r.address),
       destination: domain,
       attempt: 1,
-      detail: `remote delivery via ${hosts.hosts.map((h) => h.exchange).join(", ")} (${ids.join(", ")})`,
+      detail: `remote delivery via ${hosts.hosts.map((h) => h.exchange).join(", ")} (${published
+        .map((p) => p.dispatchId)
+        .join(", ")})`,
     });
     return;
   }

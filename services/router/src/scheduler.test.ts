@@ -70,6 +70,46 @@ describe("scheduler", () => {
     });
   });
 
+  it("publishes a retry once when its DNS lookup outlasts the scheduler lease, with two routers", async () => {
+    // mx2 never answers: every lookup of slow.test waits the resolver's 500 ms timeout for it
+    env.dns.set("slow.test", {
+      MX: [
+        { exchange: "mx1.slow.test", priority: 10 },
+        { exchange: "mx2.slow.test", priority: 20 },
+      ],
+    });
+    env.dns.set("mx1.slow.test", { A: ["127.0.0.2"] });
+    env.dns.set("mx2.slow.test", { timeout: true });
+    const settings = { RETRY_SCHEDULE: "1s", SCHEDULER_INTERVAL: "20ms", SCHEDULER_LEASE: "300ms" };
+    const a = await router(settings);
+    const b = await router(settings);
+    const mail = await peers.queue({ rcptTo: ["one@slow.test"] });
+    const first = await peers.waitRemote((q) => q.queueId === mail.queueId, "attempt 1");
+    expect(first.destination.hosts.map((h) => h.exchange)).toEqual(["mx1.slow.test"]);
+    await peers.status(first, "one@slow.test", "deferred", tempFailure);
+
+    const second = await peers.waitRemote(
+      (q) => q.queueId === mail.queueId && q.recipients[0]!.attempt === 2,
+      "attempt 2",
+      15_000,
+    );
+    await new Promise((r) => setTimeout(r, 2000)); // several leases and lookups later
+    // every publish counts, including any JetStream would have deduplicated
+    const published =
+      (await a.metric("router_retries_dispatched_total")) +
+      (await b.metric("router_retries_dispatched_total"));
+    expect(published).toBe(1);
+    const sends = [...a.spans.getFinishedSpans(), ...b.spans.getFinishedSpans()].filter(
+      (s) =>
+        s.name.startsWith("send mail.v1.deliver.remote") && s.attributes["mail.queue_id"] === mail.queueId,
+    );
+    expect(sends).toHaveLength(2); // attempt 1 and attempt 2
+    expect(peers.remote.filter((q) => q.queueId === mail.queueId)).toHaveLength(2);
+
+    await peers.status(second, "one@slow.test", "delivered", reply(250, "2.0.0", "OK"));
+    await waitFor(() => a.queue.isFinished(mail.queueId), { message: "message final" });
+  });
+
   it("shares due retries between two routers without dispatching any twice", async () => {
     const settings = { RETRY_SCHEDULE: "1s", SCHEDULER_BATCH: "3", SCHEDULER_INTERVAL: "50ms" };
     const a = await router(settings);

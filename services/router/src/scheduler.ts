@@ -1,18 +1,20 @@
 // The scheduler loop: every SCHEDULER_INTERVAL, take due jobs from Redis (atomically, so several
 // router replicas share them) and act on them: re-dispatch retries, expire, send DSNs, delete bodies.
-// Its watchdog takes recipients no worker reported on within STALE_DISPATCH (a lost request or
-// status, a request a worker dropped) and sends them through the same retry path as the next attempt.
+// Its watchdog takes recipients no worker reported on within STALE_DISPATCH whose request has left
+// MAIL_DELIVER (a lost request or status, a request a worker dropped; see watchdog.ts) and sends them
+// through the same retry path as the next attempt.
 import { destinationToken, replies } from "@mailpipe/contracts";
 import type { ClaimedJob, MessageRecord, RetryJob } from "@mailpipe/queue";
 import { attr, contextWithQueueId, inSpan } from "@mailpipe/telemetry";
 import { context } from "@opentelemetry/api";
 import type { RouterContext } from "./deps.ts";
-import { lookupMailHosts, publishLocal, publishRemote, toMxHosts } from "./dispatch.ts";
+import { lookupMailHosts, type Published, publishLocal, publishRemote, toMxHosts } from "./dispatch.ts";
 import { runDsnTask } from "./dsn-task.ts";
 import { mapLimit } from "./limit.ts";
 import { deferRecipient, finishRecipient } from "./outcomes.ts";
 import { isExpired } from "./retry-policy.ts";
 import { contextFromTraceparent } from "./trace.ts";
+import { createWatchdog } from "./watchdog.ts";
 
 /** Groups (message × destination) handled at once within one round. */
 const GROUP_CONCURRENCY = 16;
@@ -30,29 +32,29 @@ function inMessageContext<T>(queueId: string, traceparent: string | undefined, f
 
 export function startScheduler(ctx: RouterContext): Scheduler {
   const { log } = ctx.telemetry;
-  const { SCHEDULER_INTERVAL, SCHEDULER_BATCH, SCHEDULER_LEASE, STALE_DISPATCH } = ctx.config;
+  const { SCHEDULER_INTERVAL, SCHEDULER_BATCH, SCHEDULER_LEASE } = ctx.config;
   let stopped = false;
   let timer: NodeJS.Timeout | undefined;
   let running: Promise<void> | undefined;
   let failing = false;
+  const watchdog = createWatchdog(ctx);
 
   const round = async (): Promise<void> => {
     const now = ctx.now();
     const released = await ctx.queue.releaseExpiredLeases(now);
     if (released > 0) log.warn({ released }, "jobs whose lease expired are due again");
     const jobs = await ctx.queue.claim(now, SCHEDULER_BATCH, SCHEDULER_LEASE);
-    const silent = await ctx.queue.claimStale(
-      now,
-      now - STALE_DISPATCH,
-      SCHEDULER_BATCH,
-      SCHEDULER_LEASE,
-      replies.noDeliveryResult(),
-    );
+    const silent = await watchdog.claimSilent(now);
     if (jobs.length === 0 && silent.length === 0) return;
-    const tasks = jobs.filter((j) => j.kind !== "retry");
-    const retries = jobs.filter((j): j is RetryJob => j.kind === "retry");
-    await mapLimit(tasks, GROUP_CONCURRENCY, (job) => runTask(ctx, job));
-    await runRetries(ctx, [...retries, ...silent]);
+    const renewal = keepLeases(ctx, [...jobs, ...silent]);
+    try {
+      const tasks = jobs.filter((j) => j.kind !== "retry");
+      const retries = jobs.filter((j): j is RetryJob => j.kind === "retry");
+      await mapLimit(tasks, GROUP_CONCURRENCY, (job) => runTask(ctx, job));
+      await runRetries(ctx, [...retries, ...silent]);
+    } finally {
+      renewal.stop();
+    }
   };
 
   const tick = async (): Promise<void> => {
@@ -90,6 +92,43 @@ export function startScheduler(ctx: RouterContext): Scheduler {
       await running;
     },
   };
+}
+
+/**
+ * A round can outlast SCHEDULER_LEASE (slow DNS for many groups, a slow Redis or NATS). Once a lease
+ * runs out another replica returns the job to the schedule and claims it, and both would publish the
+ * retry: JetStream only drops the second copy inside its duplicate window. So the round keeps its
+ * leases alive while it works (renewed every third of the lease, only while the token is still
+ * ours), and redispatch() renews a group's leases once more right before publishing and leaves out
+ * jobs it no longer holds. Renewing, rather than skipping jobs whose lease is nearly over, means a
+ * slow round neither throws away its DNS work nor hands it to a replica that would be just as slow.
+ */
+function keepLeases(ctx: RouterContext, jobs: readonly ClaimedJob[]): { stop(): void } {
+  const lease = ctx.config.SCHEDULER_LEASE;
+  const timer = setInterval(
+    () => {
+      ctx.queue.renewLeases(jobs, ctx.now() + lease).catch((err) => {
+        // the check before each publish still keeps a job that was lost from going out twice
+        ctx.telemetry.log.warn({ err: (err as Error).message }, "could not renew scheduler leases");
+      });
+    },
+    Math.max(10, Math.floor(lease / 3)),
+  );
+  timer.unref();
+  return { stop: () => clearInterval(timer) };
+}
+
+/** The jobs of `jobs` this replica still holds, their leases renewed; logs the ones it lost. */
+async function stillHeld(ctx: RouterContext, jobs: RetryJob[]): Promise<RetryJob[]> {
+  const held = await ctx.queue.renewLeases(jobs, ctx.now() + ctx.config.SCHEDULER_LEASE);
+  const kept = jobs.filter((j) => held.has(j.id));
+  if (kept.length < jobs.length) {
+    ctx.telemetry.log.warn(
+      { lost: jobs.length - kept.length },
+      "scheduler lease ran out before the retry was published; another replica handles it",
+    );
+  }
+  return kept;
 }
 
 async function runTask(ctx: RouterContext, job: ClaimedJob): Promise<void> {
@@ -206,9 +245,8 @@ async function endJob(ctx: RouterContext, msg: MessageRecord, job: RetryJob): Pr
 }
 
 /** Publishes one destination's retries, or re-schedules / bounces them when DNS says so. */
-async function redispatch(ctx: RouterContext, msg: MessageRecord, dest: string, jobs: RetryJob[]) {
-  const recipients = jobs.map((j) => j.recipient);
-  const attempt = Math.max(...recipients.map((r) => r.attempt));
+async function redispatch(ctx: RouterContext, msg: MessageRecord, dest: string, claimed: RetryJob[]) {
+  const attempt = Math.max(...claimed.map((j) => j.recipient.attempt));
   await inSpan(
     ctx.telemetry.tracer,
     "retry",
@@ -217,26 +255,46 @@ async function redispatch(ctx: RouterContext, msg: MessageRecord, dest: string, 
         [attr.queueId]: msg.queueId,
         [attr.destination]: dest === "local" ? "local" : destinationToken(dest),
         [attr.attempt]: attempt,
-        [attr.recipientCount]: recipients.length,
+        [attr.recipientCount]: claimed.length,
       },
     },
     async () => {
-      const dispatched = async (kind: "local" | "remote") => {
-        await ctx.queue.completeDispatched(jobs, ctx.now());
+      const dispatched = async (kind: "local" | "remote", jobs: RetryJob[], published: Published[]) => {
+        const seqs = new Map<string, number>();
+        for (const p of published) for (const rid of p.rids) seqs.set(`${msg.queueId}:${rid}`, p.seq);
+        await ctx.queue.completeDispatched(jobs, ctx.now(), seqs);
         ctx.metrics.dispatched.inc({ kind }, jobs.length);
         const silent = jobs.filter((j) => j.stale).length;
         if (silent > 0) ctx.metrics.staleRedispatched.inc({ kind }, silent);
       };
       if (dest === "local") {
-        await publishLocal(ctx, msg, recipients, { retry: true });
-        await dispatched("local");
+        const jobs = await stillHeld(ctx, claimed);
+        if (jobs.length === 0) return;
+        const published = await publishLocal(
+          ctx,
+          msg,
+          jobs.map((j) => j.recipient),
+          { retry: true },
+        );
+        await dispatched("local", jobs, published);
         return;
       }
       const hosts = await lookupMailHosts(ctx, dest);
       const at = new Date(ctx.now()).toISOString();
+      const recipients = claimed.map((j) => j.recipient);
       if (hosts.kind === "hosts") {
-        await publishRemote(ctx, msg, dest, toMxHosts(hosts), recipients, { retry: true });
-        await dispatched("remote");
+        // the lookup may have taken longer than the lease
+        const jobs = await stillHeld(ctx, claimed);
+        if (jobs.length === 0) return;
+        const published = await publishRemote(
+          ctx,
+          msg,
+          dest,
+          toMxHosts(hosts),
+          jobs.map((j) => j.recipient),
+          { retry: true },
+        );
+        await dispatched("remote", jobs, published);
         return;
       }
       if (hosts.kind === "temp") {
@@ -256,7 +314,7 @@ async function redispatch(ctx: RouterContext, msg: MessageRecord, dest: string, 
         }
       }
       // the new schedule or final state replaced these jobs; this only clears any left behind
-      await ctx.queue.complete(jobs);
+      await ctx.queue.complete(claimed);
     },
   );
 }

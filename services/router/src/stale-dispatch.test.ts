@@ -1,6 +1,7 @@
 // The watchdog: a recipient handed to a worker that never reports is dispatched again after
 // STALE_DISPATCH, or expires with a DSN past QUEUE_LIFETIME. The test peers consume and ack
 // every request and report only when a test tells them to, like a worker that lost the status.
+// A request still waiting in MAIL_DELIVER is not lost and is never dispatched a second time.
 import {
   type LocalDeliveryRequest,
   MailEvent,
@@ -122,6 +123,58 @@ describe("recipients no worker reported on", () => {
     expect(await r.metric("router_stale_expired_total")).toBe(0);
     expect(await peers.dsnsFor("alice@example.test")).toEqual([]);
     expect(attempts(peers.remote, mail.queueId, 3)).toEqual([]);
+  });
+
+  it("never dispatches again a request still waiting in MAIL_DELIVER, and does once a worker acked it without reporting", async () => {
+    // no worker for now: the requests stay in the stream, as with a backlog or every worker down
+    await peers.stop();
+    peers = await startPeers(env, { consume: false });
+    const r = await router({ STALE_DISPATCH: "1500ms" });
+    const mail = await peers.queue({ rcptTo: ["one@remote.test", "carol@example.test"] });
+    const inStream = async () => (await peers.bus.jsm.streams.info("MAIL_DELIVER")).state.messages;
+    await waitFor(async () => (await inStream()) === 2, { message: "two requests queued" });
+    const firstWait = await r.queue.dispatchedAt(mail.queueId, "r:one@remote.test");
+    expect(await r.queue.dispatchSeq(mail.queueId, "r:one@remote.test")).toBeGreaterThan(0);
+    expect(await r.queue.dispatchSeq(mail.queueId, "l:carol@example.test")).toBeGreaterThan(0);
+
+    await sleep(4000); // more than two STALE_DISPATCH periods
+    expect(await inStream()).toBe(2);
+    expect(await r.metric("router_stale_redispatched_total")).toBe(0);
+    expect(await r.metric("router_stale_queued_total")).toBeGreaterThanOrEqual(4);
+    expect(warnings(r, "no delivery result reported")).toEqual([]);
+    const state = await r.queue.getMessage(mail.queueId);
+    expect(state?.recipients.map((x) => [x.state, x.attempt])).toEqual([
+      ["pending", 1],
+      ["pending", 1],
+    ]);
+    // its wait started again: looked at anew one STALE_DISPATCH later
+    expect(await r.queue.dispatchedAt(mail.queueId, "r:one@remote.test")).toBeGreaterThan(firstWait!);
+
+    // a worker comes and acks both requests, but its statuses are lost
+    await peers.stop();
+    peers = await startPeers(env);
+    await peers.waitRemote((q) => q.queueId === mail.queueId, "attempt 1 (remote)");
+    await peers.waitLocal((q) => q.queueId === mail.queueId, "attempt 1 (local)");
+    const second = await peers.waitRemote(
+      (q) => q.queueId === mail.queueId && q.recipients[0]!.attempt === 2,
+      "remote attempt 2 once the request was gone",
+    );
+    const secondLocal = await peers.waitLocal(
+      (q) => q.queueId === mail.queueId && q.recipients[0]!.attempt === 2,
+      "local attempt 2 once the request was gone",
+    );
+    await peers.status(second, "one@remote.test", "delivered", replies.delivered());
+    await peers.status(secondLocal, "carol@example.test", "delivered", replies.delivered());
+    await waitFor(() => r.queue.isFinished(mail.queueId), { message: "message final" });
+    expect(attempts(peers.remote, mail.queueId, 1)).toHaveLength(1);
+    expect(attempts(peers.local, mail.queueId, 1)).toHaveLength(1);
+    expect(await r.metric("router_stale_redispatched_total")).toBe(2);
+    const redis = new Redis(env.redis.url);
+    try {
+      expect(await redis.exists("mailpipe:dseq")).toBe(0);
+    } finally {
+      redis.disconnect();
+    }
   });
 
   it("dispatches a silent local recipient again as attempt 2, with its folder", async () => {

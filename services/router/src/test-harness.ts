@@ -248,20 +248,24 @@ export interface Peers {
   stop(): Promise<void>;
 }
 
-export async function startPeers(envr: Environment): Promise<Peers> {
+/** With `consume: false` no worker takes requests: they wait in MAIL_DELIVER, as with every worker down. */
+export async function startPeers(envr: Environment, opts: { consume?: boolean } = {}): Promise<Peers> {
   const bus = await Bus.connect({ url: envr.nats.url, name: "peers", telemetry: quietTelemetry() });
   await bus.ensureTopology();
   const bodies = await bus.bodies();
   const local: LocalDeliveryRequest[] = [];
   const remote: RemoteDeliveryRequest[] = [];
-  const subs = [
-    await bus.consume("mda", LocalDeliveryRequest, (m) => {
-      local.push(m);
-    }),
-    await bus.consume("delivery", RemoteDeliveryRequest, (m) => {
-      remote.push(m);
-    }),
-  ];
+  const subs =
+    opts.consume === false
+      ? []
+      : [
+          await bus.consume("mda", LocalDeliveryRequest, (m) => {
+            local.push(m);
+          }),
+          await bus.consume("delivery", RemoteDeliveryRequest, (m) => {
+            remote.push(m);
+          }),
+        ];
   const find = async <T>(list: T[], pred: (r: T) => boolean, what: string, timeoutMs = 10_000) =>
     waitFor(() => list.find(pred), { timeoutMs, message: `waiting for ${what}` });
   return {
