@@ -118,7 +118,9 @@ async function sendDsn(
     date: now,
     messageId: `${dsnQueueId}@${host}`,
   });
-  const body = await ctx.bodies.put(dsnQueueId, built.raw);
+  // A retried task (after a crash or a lost ack) reuses the report an earlier try stored whole: its
+  // mail.v1.queued may already be stored too, pointing at exactly those bytes.
+  const body = (await ctx.bodies.refOf(dsnQueueId)) ?? (await ctx.bodies.put(dsnQueueId, built.raw));
   const mail: QueuedMail = {
     v: 1,
     queueId: dsnQueueId,
