@@ -112,21 +112,12 @@ export class BodyStore {
     }
     if (pendingBytes > 0) await flush(1);
     const digest = hash.digest();
-    const meta = {
-      name: key,
-      description: "",
-      options: { max_chunk_size: CHUNK_SIZE },
-      bucket: this.bucket,
-      nuid: key,
+    await this.#publishMeta(key, {
       size,
       chunks,
-      mtime: new Date().toISOString(),
       digest: `SHA-256=${digest.toString("base64").replaceAll("+", "-").replaceAll("/", "_")}`,
       deleted: false,
-    };
-    const h = natsHeaders();
-    h.set("Nats-Rollup", "sub");
-    await this.#js.publish(this.#metaSubject(key), JSON.stringify(meta), { headers: h });
+    });
     return { bucket: this.bucket, key, size, sha256: digest.toString("hex") };
   }
 
@@ -145,6 +136,25 @@ export class BodyStore {
       await this.#jsm.streams.purge(`OBJ_${this.bucket}`, { filter: subject });
       await this.#js.publish(subject, payload, { headers: h });
     }
+  }
+
+  /** The object's metadata (ADR-20), rolled up so only the latest stays: written last by put, a marker on delete. */
+  async #publishMeta(
+    key: string,
+    fields: { size: number; chunks: number; digest: string; deleted: boolean },
+  ): Promise<void> {
+    const meta = {
+      name: key,
+      description: "",
+      options: { max_chunk_size: CHUNK_SIZE },
+      bucket: this.bucket,
+      nuid: key,
+      mtime: new Date().toISOString(),
+      ...fields,
+    };
+    const h = natsHeaders();
+    h.set("Nats-Rollup", "sub");
+    await this.#js.publish(this.#metaSubject(key), JSON.stringify(meta), { headers: h });
   }
 
   /** `$O.<bucket>.M.<padded base64url of the name>`, as the Object Store names it. */
@@ -293,21 +303,7 @@ export class BodyStore {
    * marker. Deleting one that is already gone is not an error.
    */
   async delete(key: string): Promise<void> {
-    const h = natsHeaders();
-    h.set("Nats-Rollup", "sub");
-    const tombstone = {
-      name: key,
-      description: "",
-      options: { max_chunk_size: CHUNK_SIZE },
-      bucket: this.bucket,
-      nuid: key,
-      size: 0,
-      chunks: 0,
-      mtime: new Date().toISOString(),
-      digest: "",
-      deleted: true,
-    };
-    await this.#js.publish(this.#metaSubject(key), JSON.stringify(tombstone), { headers: h });
+    await this.#publishMeta(key, { size: 0, chunks: 0, digest: "", deleted: true });
     await this.#jsm.streams.purge(`OBJ_${this.bucket}`, { filter: `$O.${this.bucket}.C.${key}` });
   }
 

@@ -271,6 +271,26 @@ export async function createSmtpEdge(options: SmtpEdgeOptions): Promise<SmtpEdge
   }
 
   const sessions = new WeakMap<SMTPServerSession, SessionState>();
+
+  /** A `rejected` event for a refusal in this transaction, inside its trace. */
+  const emitRejected = (
+    t: TxState,
+    err: SmtpError,
+    detail: string,
+    who: { recipient?: string; recipients?: string[] },
+  ): void => {
+    context.with(t.ctx, () =>
+      bus.emit({
+        type: "rejected",
+        queueId: t.tx.queueId,
+        reply: err.reply,
+        mailFrom: t.tx.mailFrom,
+        client: { ip: t.tx.client.ip, helo: t.tx.client.helo.slice(0, 255) },
+        detail,
+        ...who,
+      }),
+    );
+  };
   const perIp = new Map<string, number>();
   let draining = false;
   let listening = false;
@@ -532,17 +552,7 @@ export async function createSmtpEdge(options: SmtpEdgeOptions): Promise<SmtpEdge
         },
         (err: SmtpError) => {
           const valid = parseAddress(given);
-          context.with(t.ctx, () =>
-            bus.emit({
-              type: "rejected",
-              queueId: t.tx.queueId,
-              reply: err.reply,
-              mailFrom: t.tx.mailFrom,
-              client: { ip: t.tx.client.ip, helo: t.tx.client.helo.slice(0, 255) },
-              detail: "recipient refused at RCPT",
-              ...(valid ? { recipient: valid.address } : {}),
-            }),
-          );
+          emitRejected(t, err, "recipient refused at RCPT", valid ? { recipient: valid.address } : {});
           callback(err);
         },
       );
@@ -563,17 +573,7 @@ export async function createSmtpEdge(options: SmtpEdgeOptions): Promise<SmtpEdge
         },
         (err: SmtpError) => {
           metrics.messages.inc({ result: "rejected" });
-          context.with(t.ctx, () =>
-            bus.emit({
-              type: "rejected",
-              queueId: t.tx.queueId,
-              reply: err.reply,
-              mailFrom: t.tx.mailFrom,
-              recipients: [...t.tx.recipients],
-              client: { ip: t.tx.client.ip, helo: t.tx.client.helo.slice(0, 255) },
-              detail: "message refused at the end of DATA",
-            }),
-          );
+          emitRejected(t, err, "message refused at the end of DATA", { recipients: [...t.tx.recipients] });
           endTx(st, { reply: err.reply });
           callback(err);
         },
