@@ -1,20 +1,37 @@
 import { createHash } from "node:crypto";
 import { PassThrough, pipeline, Readable, Transform } from "node:stream";
-import type { BodyRef } from "@mailpipe/contracts";
+import { type BodyRef, isSpoolRef, type ObjectBodyRef, type SpoolBodyRef } from "@mailpipe/contracts";
 import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
 import { JetStreamApiError, StorageType } from "@nats-io/jetstream";
 import { type ObjectStore, Objm } from "@nats-io/obj";
 import { nanos, headers as natsHeaders } from "@nats-io/transport-node";
 import { BodyIntegrityError, BodyNotFoundError, BusError } from "./errors.ts";
+import { splitPayload } from "./headers.ts";
+
+function describe(ref: BodyRef): string {
+  return isSpoolRef(ref) ? `${ref.stream}#${ref.seq}` : `${ref.bucket}/${ref.key}`;
+}
 
 function verified(ref: BodyRef, body: Buffer): Buffer {
   const got = createHash("sha256").update(body).digest("hex");
   if (body.length !== ref.size || got !== ref.sha256) {
     throw new BodyIntegrityError(
-      `body ${ref.key} is corrupt: sha256 ${got} (${body.length} bytes), expected ${ref.sha256}`,
+      `body ${describe(ref)} is corrupt: sha256 ${got} (${body.length} bytes), expected ${ref.sha256}`,
     );
   }
   return body;
+}
+
+/** JetStream's "no message found" (a spool message deleted already) */
+const NO_MESSAGE_FOUND = 10037;
+/** "message delete failed": how a delete of a message that is gone already is answered */
+const MSG_DELETE_FAILED = 10057;
+
+function isNoMessage(err: unknown): boolean {
+  if (!(err instanceof JetStreamApiError)) return false;
+  return (
+    err.code === NO_MESSAGE_FOUND || (err.code === MSG_DELETE_FAILED && /no message found/i.test(err.message))
+  );
 }
 
 export type BodySource = Uint8Array | Iterable<Uint8Array> | AsyncIterable<Uint8Array>;
@@ -79,7 +96,7 @@ export class BodyStore {
    * accepting a message. The chunk subject is named after the key; writing a key again replaces
    * it (see #firstChunk).
    */
-  async put(key: string, source: BodySource): Promise<BodyRef> {
+  async put(key: string, source: BodySource): Promise<ObjectBodyRef> {
     if (!KEY.test(key)) throw new BusError(`body key ${JSON.stringify(key)} must be a subject token`);
     const hash = createHash("sha256");
     const chunkSubject = `$O.${this.bucket}.C.${key}`;
@@ -168,15 +185,15 @@ export class BodyStore {
    * do not match the reference, so a consumer must not commit what it wrote before the end.
    * Destroying the returned stream stops the read underneath.
    */
-  async read(ref: BodyRef): Promise<Readable> {
-    if (ref.size <= DIRECT_READ_MAX) {
-      const body = await this.readBuffer(ref);
+  async read(ref: BodyRef, attachment?: Buffer): Promise<Readable> {
+    if (attachment || isSpoolRef(ref) || ref.size <= DIRECT_READ_MAX) {
+      const body = await this.readBuffer(ref, attachment);
       return Readable.from([body], { objectMode: false });
     }
     return this.#readStream(ref);
   }
 
-  async #readStream(ref: BodyRef): Promise<Readable> {
+  async #readStream(ref: ObjectBodyRef): Promise<Readable> {
     const result = await this.#os.get(ref.key);
     if (!result) throw new BodyNotFoundError(`body ${ref.bucket}/${ref.key} not found (expired or deleted?)`);
     if (result.info.size !== ref.size) {
@@ -211,8 +228,13 @@ export class BodyStore {
     return out;
   }
 
-  /** The whole body in memory, verified. For small bodies and for code that must parse it. */
-  async readBuffer(ref: BodyRef): Promise<Buffer> {
+  /**
+   * The whole body in memory, verified. For small bodies and for code that must parse it. A
+   * request that carried the body as its attachment passes it: then nothing is read from the store.
+   */
+  async readBuffer(ref: BodyRef, attachment?: Buffer): Promise<Buffer> {
+    if (attachment) return verified(ref, attachment);
+    if (isSpoolRef(ref)) return this.#readSpooled(ref);
     if (ref.size <= DIRECT_READ_MAX) {
       try {
         return await this.#readDirect(ref);
@@ -231,7 +253,18 @@ export class BodyStore {
    * hundred reads a second those consumers, not the disk, become the ceiling. The subjects are the
    * Object Store's documented layout (ADR-20); anything unexpected falls back to get().
    */
-  async #readDirect(ref: BodyRef): Promise<Buffer> {
+  async #readSpooled(ref: SpoolBodyRef): Promise<Buffer> {
+    const m = await this.#jsm.direct.getMessage(ref.stream, { seq: ref.seq }).catch((err: unknown) => {
+      if (isNoMessage(err)) return null;
+      throw err;
+    });
+    if (!m) throw new BodyNotFoundError(`body ${describe(ref)} not found (expired or deleted?)`);
+    const { attachment } = splitPayload(m.data, m.header);
+    if (!attachment) throw new BodyNotFoundError(`spool message ${describe(ref)} carries no body`);
+    return verified(ref, attachment);
+  }
+
+  async #readDirect(ref: ObjectBodyRef): Promise<Buffer> {
     const stream = `OBJ_${ref.bucket}`;
     if (ref.size > 0 && ref.size <= CHUNK_SIZE) {
       // written by put(): one chunk, on the subject named after the key; one get, no metadata
@@ -275,24 +308,6 @@ export class BodyStore {
     return verified(ref, Buffer.concat(chunks));
   }
 
-  /**
-   * The reference of a body already stored whole (its metadata is written last), or null: lets a
-   * writer that is redoing its work reuse what an earlier attempt stored instead of writing again.
-   */
-  async refOf(key: string): Promise<BodyRef | null> {
-    let m: Awaited<ReturnType<JetStreamManager["direct"]["getMessage"]>> = null;
-    try {
-      m = await this.#jsm.direct.getMessage(`OBJ_${this.bucket}`, { last_by_subj: this.#metaSubject(key) });
-    } catch {
-      return null;
-    }
-    if (!m) return null;
-    const meta = m.json<ObjectMeta & { digest?: string }>();
-    if (meta.deleted || typeof meta.size !== "number" || !meta.digest?.startsWith("SHA-256=")) return null;
-    const b64 = meta.digest.slice("SHA-256=".length).replaceAll("-", "+").replaceAll("_", "/");
-    return { bucket: this.bucket, key, size: meta.size, sha256: Buffer.from(b64, "base64").toString("hex") };
-  }
-
   async exists(key: string): Promise<boolean> {
     const info = await this.#os.info(key);
     return !!info && !info.deleted;
@@ -305,6 +320,19 @@ export class BodyStore {
   async delete(key: string): Promise<void> {
     await this.#publishMeta(key, { size: 0, chunks: 0, digest: "", deleted: true });
     await this.#jsm.streams.purge(`OBJ_${this.bucket}`, { filter: `$O.${this.bucket}.C.${key}` });
+  }
+
+  /**
+   * Deletes a spool message (envelope and attached body) once its message is final. One already
+   * gone is not an error.
+   */
+  async deleteSpooled(stream: string, seq: number): Promise<void> {
+    try {
+      await this.#jsm.streams.deleteMessage(stream, seq, false);
+    } catch (err) {
+      if (isNoMessage(err)) return;
+      throw err;
+    }
   }
 
   /** Bytes and objects held, for metrics. */

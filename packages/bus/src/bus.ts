@@ -11,6 +11,7 @@ import {
 import { attr, contextWithQueueId, currentTraceId, redactUrls, type Telemetry } from "@mailpipe/telemetry";
 import {
   type ConsumerMessages,
+  JetStreamApiError,
   type JetStreamClient,
   type JetStreamManager,
   type JsMsg,
@@ -23,7 +24,7 @@ import { context, propagation, ROOT_CONTEXT, SpanKind, SpanStatusCode, trace } f
 import type { z } from "zod";
 import { BodyStore } from "./body-store.ts";
 import { BusConnectError, BusError, describeConnectError } from "./errors.ts";
-import { natsHeaderGetter, natsHeaderSetter } from "./headers.ts";
+import { ATTACHMENT_OFFSET, natsHeaderGetter, natsHeaderSetter, splitPayload } from "./headers.ts";
 import { defaultTopologySettings, ensureConsumer, ensureStream, type TopologySettings } from "./topology.ts";
 
 export interface BusOptions {
@@ -62,6 +63,11 @@ export interface HandlerContext {
   headers: MsgHdrs | undefined;
   /** 1 on first delivery */
   deliveryCount: number;
+  /** the stream and sequence the message is stored at */
+  stream: string;
+  seq: number;
+  /** the bytes published with the message (`PublishOptions.attachment`), as a view of the payload */
+  attachment: Buffer | undefined;
   /** tells JetStream the work is still going (resets the ack wait) */
   working(): void;
 }
@@ -92,6 +98,8 @@ export interface PublishOptions {
   msgId: string;
   headers?: Record<string, string>;
   timeoutMs?: number;
+  /** bytes that travel after the JSON in the same payload (a small message body) */
+  attachment?: Uint8Array | readonly Uint8Array[];
 }
 
 /** The one way services talk to each other: validated messages over JetStream, bodies in the Object Store. */
@@ -176,6 +184,17 @@ export class Bus {
     await this.bodies();
   }
 
+  /** Whether a stream exists (e.g. one kept only for an upgrade). */
+  async streamExists(name: string): Promise<boolean> {
+    try {
+      await this.jsm.streams.info(name);
+      return true;
+    } catch (err) {
+      if (err instanceof JetStreamApiError && err.code === 10059) return false;
+      throw err;
+    }
+  }
+
   async bodies(): Promise<BodyStore> {
     this.#bodies ??= await BodyStore.open(this.js, this.jsm, topology.bodyBucket, {
       ttlMs: this.settings.bodyTtlMs,
@@ -211,8 +230,15 @@ export class Bus {
     const h = natsHeaders();
     for (const [k, v] of Object.entries(opts.headers ?? {})) h.set(k, v);
     propagation.inject(trace.setSpan(context.active(), span), h, natsHeaderSetter);
+    let payload: string | Uint8Array = JSON.stringify(value);
+    if (opts.attachment) {
+      const json = Buffer.from(payload);
+      const parts = opts.attachment instanceof Uint8Array ? [opts.attachment] : opts.attachment;
+      h.set(ATTACHMENT_OFFSET, String(json.byteLength));
+      payload = Buffer.concat([json, ...parts]);
+    }
     try {
-      const ack = await this.js.publish(subject, JSON.stringify(value), {
+      const ack = await this.js.publish(subject, payload, {
         msgID: opts.msgId,
         headers: h,
         timeout: opts.timeoutMs ?? this.#publishTimeoutMs,
@@ -305,11 +331,18 @@ export class Bus {
       const started = performance.now();
       const parent = propagation.extract(ROOT_CONTEXT, m.headers, natsHeaderGetter);
       let message: z.infer<S>;
+      let attachment: Buffer | undefined;
       try {
-        message = decodeJson(schema, m.data, `message on ${m.subject}`);
+        const parts = splitPayload(m.data, m.headers);
+        attachment = parts.attachment;
+        message = decodeJson(schema, parts.json, `message on ${m.subject}`);
       } catch (err) {
         log.error(
-          { err: err instanceof ContractError ? err.message : err, subject: m.subject, consumer: durable },
+          {
+            err: err instanceof ContractError || err instanceof RangeError ? err.message : err,
+            subject: m.subject,
+            consumer: durable,
+          },
           "dropping a message that does not match its contract",
         );
         m.term();
@@ -349,6 +382,9 @@ export class Bus {
                   subject: m.subject,
                   headers: m.headers,
                   deliveryCount: m.info.deliveryCount,
+                  stream: m.info.stream,
+                  seq: m.seq,
+                  attachment,
                   working: () => m.working(),
                 })) ?? outcome.ack();
             } catch (err) {

@@ -38,18 +38,22 @@ function isApiError(err: unknown, code: number): boolean {
   return err instanceof JetStreamApiError && err.code === code;
 }
 
-function streamConfig(key: StreamKey, s: TopologySettings): Partial<StreamConfig> & { name: string } {
-  const def = topology.streams[key];
+type StreamDef = { name: string; subjects: readonly string[]; kind: "workqueue" | "limits" | "spool" };
+
+function streamConfig(def: StreamDef, s: TopologySettings): Partial<StreamConfig> & { name: string } {
   const workqueue = def.kind === "workqueue";
+  const spool = def.kind === "spool";
   return {
     name: def.name,
     subjects: [...def.subjects],
     retention: workqueue ? RetentionPolicy.Workqueue : RetentionPolicy.Limits,
     storage: StorageType.File,
     num_replicas: s.replicas,
-    discard: DiscardPolicy.Old,
+    // the spool never drops a stored message to make room: a full spool refuses new ones (451)
+    discard: spool ? DiscardPolicy.New : DiscardPolicy.Old,
     duplicate_window: nanos(s.duplicateWindowMs),
-    max_age: workqueue ? 0 : nanos(s.eventsMaxAgeMs),
+    // spool messages are deleted when final; BODY_TTL is the backstop, as for the body bucket
+    max_age: workqueue ? 0 : nanos(spool ? s.bodyTtlMs : s.eventsMaxAgeMs),
     max_msg_size: 1024 * 1024,
     allow_direct: true,
   };
@@ -61,7 +65,7 @@ export async function ensureStream(
   key: StreamKey,
   s: TopologySettings,
 ): Promise<void> {
-  const want = streamConfig(key, s);
+  const want = streamConfig(topology.streams[key], s);
   for (let round = 0; round < 3; round++) {
     let have: StreamConfig | null = null;
     try {

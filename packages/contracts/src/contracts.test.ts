@@ -196,7 +196,8 @@ describe("addresses", () => {
 
 describe("subjects", () => {
   it("builds every subject and encodes a destination as one token", () => {
-    expect(subjects.queued()).toBe("mail.v1.queued");
+    expect(subjects.queued()).toBe("mail.v1.spool");
+    expect(subjects.queuedLegacy()).toBe("mail.v1.queued");
     expect(subjects.deliverRemote("Mail.Remote.test")).toBe("mail.v1.deliver.remote.mail_remote_test");
     expect(destinationFromToken(destinationToken("a-b.remote.test"))).toBe("a-b.remote.test");
     expect(subjects.status("bounced")).toBe("mail.v1.status.bounced");

@@ -6,7 +6,7 @@ export {
   parseAddress,
   ReversePath,
 } from "./address.ts";
-export { BodyRef } from "./body-ref.ts";
+export { AttachedBody, BodyRef, isSpoolRef, ObjectBodyRef, SpoolBodyRef } from "./body-ref.ts";
 export { ContractError, decode, decodeJson } from "./decode.ts";
 export {
   ClientInfo,

@@ -1,7 +1,7 @@
 import { createHash } from "node:crypto";
 import { z } from "zod";
 import { Address, Domain, ReversePath } from "./address.ts";
-import { BodyRef } from "./body-ref.ts";
+import { AttachedBody, BodyRef, ObjectBodyRef } from "./body-ref.ts";
 import { QUEUE_ID_PATTERN } from "./queue-id.ts";
 import { Reply } from "./smtp-reply.ts";
 
@@ -36,14 +36,17 @@ export const ClientInfo = z.strictObject({
   user: z.string().max(320).optional(),
 });
 
-/** `mail.v1.queued`: a message accepted and durable, waiting to be routed. */
+/**
+ * `mail.v1.spool`: a message accepted and durable, waiting to be routed. A body that fits travels
+ * as the message's attachment (`{ attached: true }`), else it is in the Object Store.
+ */
 export const QueuedMail = z.strictObject({
   v: z.literal(1),
   queueId: QueueId,
   source: z.enum(["mx", "msa", "dsn"]),
   receivedAt: Timestamp,
   envelope: Envelope,
-  body: BodyRef,
+  body: z.union([AttachedBody, ObjectBodyRef]),
   client: ClientInfo.optional(),
   /** the header Message-ID, for tracking */
   messageId: z.string().max(998).optional(),

@@ -36,7 +36,10 @@ const OUTCOMES: readonly Outcome[] = ["delivered", "deferred", "bounced"];
 
 /** Every subject is built here; services never write one as a string literal. */
 export const subjects = {
-  queued: () => "mail.v1.queued",
+  /** accepted messages: envelope and (small) body in one message, kept until every recipient is final */
+  queued: () => "mail.v1.spool",
+  /** where releases before the spool published; the router drains it after an upgrade */
+  queuedLegacy: () => "mail.v1.queued",
   deliverLocal: () => "mail.v1.deliver.local",
   deliverRemote: (domain: string) => `mail.v1.deliver.remote.${destinationToken(domain)}`,
   deliverRemoteAll: () => "mail.v1.deliver.remote.>",
@@ -56,18 +59,26 @@ export const subjects = {
 /** Stream, consumer and bucket names: the bus creates them, services bind to them by these names. */
 export const topology = {
   streams: {
-    queued: { name: "MAIL_QUEUED", subjects: [subjects.queued()], kind: "workqueue" },
+    /**
+     * The spool: a message stays until the router deletes it, when its last recipient is final
+     * (limits retention, discard new; BODY_TTL is the backstop age).
+     */
+    queued: { name: "MAIL_SPOOL", subjects: [subjects.queued()], kind: "spool" },
     deliver: { name: "MAIL_DELIVER", subjects: [subjects.deliverAll()], kind: "workqueue" },
     status: { name: "MAIL_STATUS", subjects: [subjects.statusAll()], kind: "workqueue" },
     events: { name: "MAIL_EVENTS", subjects: [subjects.eventsAll()], kind: "limits" },
   },
   consumers: {
-    router: { stream: "MAIL_QUEUED", durable: "router", filter: subjects.queued() },
+    router: { stream: "MAIL_SPOOL", durable: "router", filter: subjects.queued() },
+    /** bound only while the pre-spool work queue still exists (an upgraded deployment) */
+    routerLegacy: { stream: "MAIL_QUEUED", durable: "router", filter: subjects.queuedLegacy() },
     routerStatus: { stream: "MAIL_STATUS", durable: "router-status", filter: subjects.statusAll() },
     delivery: { stream: "MAIL_DELIVER", durable: "delivery", filter: subjects.deliverRemoteAll() },
     mda: { stream: "MAIL_DELIVER", durable: "mda", filter: subjects.deliverLocal() },
   },
   bodyBucket: "mail-bodies",
+  /** the pre-spool work queue of accepted messages; never created any more, only drained */
+  legacyQueued: { name: "MAIL_QUEUED", subjects: [subjects.queuedLegacy()], kind: "workqueue" },
 } as const;
 
 export type StreamKey = keyof typeof topology.streams;

@@ -16,5 +16,6 @@ export type {
   RetryJob,
   ScheduledEntry,
   ScheduleResult,
+  SpoolLocation,
   StaleCandidate,
 } from "./types.ts";

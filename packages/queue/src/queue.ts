@@ -30,6 +30,7 @@ import type {
   RetryJob,
   ScheduledEntry,
   ScheduleResult,
+  SpoolLocation,
   StaleCandidate,
 } from "./types.ts";
 
@@ -103,6 +104,14 @@ function bySeq(list: RecipientRecord[]): RecipientRecord[] {
   return list.sort((a, b) => a.seq - b.seq || (a.rid < b.rid ? -1 : 1));
 }
 
+/** `<stream>:<seq>` as the queue stores a spool location. */
+function parseSpool(value: string | undefined): SpoolLocation | undefined {
+  if (!value) return undefined;
+  const i = value.lastIndexOf(":");
+  const seq = Number(value.slice(i + 1));
+  return i > 0 && Number.isInteger(seq) && seq > 0 ? { stream: value.slice(0, i), seq } : undefined;
+}
+
 function iso(ms: number): string {
   return new Date(ms).toISOString();
 }
@@ -162,6 +171,7 @@ export class MailQueue {
       bodyType: message.bodyType,
       notices: message.notices ? "1" : "0",
     };
+    if (message.spool) fields.spool = `${message.spool.stream}:${message.spool.seq}`;
     if (message.messageId !== undefined) fields.messageId = message.messageId;
     if (message.traceparent !== undefined) fields.traceparent = message.traceparent;
     if (message.dsn) {
@@ -342,7 +352,8 @@ export class MailQueue {
         return { ...base, kind: "dsn", dsnKind, prepared };
       }
       if (f.kind === "gc" && f.body) {
-        return { ...base, kind: "gc", body: BodyRef.parse(JSON.parse(f.body)) };
+        const spool = parseSpool(f.spool);
+        return { ...base, kind: "gc", body: BodyRef.parse(JSON.parse(f.body)), ...(spool ? { spool } : {}) };
       }
       return null;
     } catch {
@@ -625,6 +636,7 @@ export class MailQueue {
       receivedAt: f.receivedAt ?? "",
       source,
       body: BodyRef.parse(JSON.parse(f.body ?? "null")),
+      ...(parseSpool(f.spool) ? { spool: parseSpool(f.spool)! } : {}),
       ...(f.messageId ? { messageId: f.messageId } : {}),
       ...(f.traceparent ? { traceparent: f.traceparent } : {}),
       smtputf8: f.smtputf8 === "1",

@@ -56,8 +56,9 @@ local function finalize(q, now, tomb_ttl)
   if redis.call("EXISTS", jkey(q .. ":dsn-delay")) == 1 then return false end
   local received = redis.call("HGET", mk, "receivedAt")
   local body = redis.call("HGET", mk, "body")
+  local spool = redis.call("HGET", mk, "spool") or ""
   local gc = q .. ":gc"
-  redis.call("HSET", jkey(gc), "kind", "gc", "queueId", q, "body", body)
+  redis.call("HSET", jkey(gc), "kind", "gc", "queueId", q, "body", body, "spool", spool)
   redis.call("ZADD", TASKS, now, gc)
   redis.call("DEL", mk, rkey(q), akey(q), bkey(q))
   redis.call("ZREM", MESSAGES, q)

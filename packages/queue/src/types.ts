@@ -39,6 +39,8 @@ export interface MessageInput {
   receivedAt: string;
   source: "mx" | "msa" | "dsn";
   body: BodyRef;
+  /** the spool message (envelope, and the body when attached) to delete when the message is final */
+  spool?: SpoolLocation;
   messageId?: string;
   /** W3C traceparent of the message's trace, so later attempts join it */
   traceparent?: string;
@@ -48,6 +50,12 @@ export interface MessageInput {
   dsn?: { of: string; kind: "failure" | "delay" };
   /** whether DSNs may be sent for this message (false for the null sender and for DSNs) */
   notices: boolean;
+}
+
+/** Where a spool message is stored. */
+export interface SpoolLocation {
+  stream: string;
+  seq: number;
 }
 
 export interface MessageRecord extends MessageInput {
@@ -126,6 +134,8 @@ export interface DsnJob extends Leased {
 
 export interface GcJob extends Leased {
   kind: "gc";
+  /** the spool message to delete (absent for messages from the pre-spool work queue) */
+  spool?: SpoolLocation;
   body: BodyRef;
 }
 

@@ -1,10 +1,13 @@
 // A client told an attempt failed (451 at the accept timeout, 421 at the shutdown deadline) sends
-// the message again: the attempt it was told about must never reach mail.v1.queued as well.
+// the message again: the attempt it was told about must never reach the spool as well. The step that
+// can be slow before the spool publish is the Object Store write of a body over ATTACH_MAX (a smaller
+// body goes out with the publish itself, and a publish on its way cannot be called back), so these
+// messages are large.
 import type { BodyStore } from "@mailpipe/bus";
 import { newQueueId } from "@mailpipe/contracts";
 import { type NatsHandle, startNats, waitFor } from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { acceptMessage } from "./accept.ts";
+import { ATTACH_MAX, acceptMessage } from "./accept.ts";
 import { type EdgeHarness, type HarnessOptions, openData, startEdge } from "./edge.fixture.ts";
 import type { RawSmtp } from "./testing.ts";
 
@@ -78,13 +81,19 @@ async function drainQueued(h: EdgeHarness): Promise<void> {
   await waitFor(() => h.queued.some((m) => m.queueId === queueId), { timeoutMs: 5000 });
 }
 
+/** A message whose body is stored in the Object Store before it is spooled. */
+function large(subject: string): string {
+  const line = `${"x".repeat(76)}\r\n`;
+  return `Subject: ${subject}\r\n\r\n${line.repeat(Math.ceil(ATTACH_MAX / line.length) + 100)}.\r\n`;
+}
+
 describe("accept timeout", () => {
   it("answers 451 4.3.0 and never queues the message, even when storing completes later", async () => {
     const h = await edge({ acceptTimeoutMs: 500 });
     const held = await holdStores(h);
     const c = await client(h);
     await openData(c);
-    c.write("Subject: slow store\r\n\r\nbody\r\n.\r\n");
+    c.write(large("slow store"));
     expect(await c.read(5000)).toMatchObject({ code: 451, enhanced: "4.3.0" });
     expect(held.started).toHaveLength(1);
     const queueId = held.started[0]!;
@@ -100,7 +109,7 @@ describe("accept timeout", () => {
     await c.command("MAIL FROM:<sender@remote.test>");
     await c.command("RCPT TO:<alice@example.test>");
     await c.command("DATA");
-    c.write("Subject: slow store\r\n\r\nbody\r\n.\r\n");
+    c.write(large("slow store"));
     expect(await c.read(5000)).toMatchObject({ code: 250, enhanced: "2.0.0" });
     await waitFor(() => h.queued.filter((m) => m.envelope.mailFrom === "sender@remote.test").length === 1, {
       timeoutMs: 5000,
@@ -114,7 +123,7 @@ describe("shutdown", () => {
     const held = await holdStores(h);
     const storing = await client(h);
     await openData(storing);
-    storing.write("Subject: being stored\r\n\r\nbody\r\n.\r\n");
+    storing.write(large("being stored"));
     await waitFor(() => held.started.length === 1, { timeoutMs: 5000 });
     const sending = await client(h);
     await openData(sending, "slow@remote.test");
@@ -137,7 +146,7 @@ describe("shutdown", () => {
     const held = await holdStores(h);
     const c = await client(h);
     await openData(c);
-    c.write("Subject: stuck in store\r\n\r\nbody\r\n.\r\n");
+    c.write(large("stuck in store"));
     await waitFor(() => held.started.length === 1, { timeoutMs: 5000 });
     const queueId = held.started[0]!;
 

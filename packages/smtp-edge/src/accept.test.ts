@@ -2,7 +2,7 @@ import { type MailEvent, newQueueId, replies, SmtpError, subjects } from "@mailp
 import { SpanKind } from "@mailpipe/telemetry";
 import { type NatsHandle, startNats, waitFor } from "@mailpipe/testing";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { acceptMessage } from "./accept.ts";
+import { ATTACH_MAX, acceptMessage } from "./accept.ts";
 import { type EdgeHarness, openData, startEdge } from "./edge.fixture.ts";
 
 let nats: NatsHandle;
@@ -58,9 +58,10 @@ describe("durable acceptance", () => {
         bodyType: "7BIT",
       },
       client: { ip: "127.0.0.1", helo: "client.test", tls: false },
-      body: { bucket: "mail-bodies", key: queueId },
+      // small bodies travel inside the spool message: one JetStream write for everything
+      body: { attached: true },
     });
-    const stored = (await (await h.bus.bodies()).readBuffer(q.body)).toString();
+    const stored = (await h.body(q)).toString();
     const [received, rest] = [stored.slice(0, stored.indexOf("Authentication-Results:")), stored];
     expect(received).toMatch(
       new RegExp(
@@ -127,10 +128,11 @@ describe("durable acceptance", () => {
     const inTrace = spans
       .filter((s) => s.spanContext().traceId === tx.spanContext().traceId)
       .map((s) => s.name);
-    for (const name of ["smtp.mail", "smtp.rcpt", "smtp.data", "body.store", "send mail.v1.queued"]) {
+    for (const name of ["smtp.mail", "smtp.rcpt", "smtp.data", `send ${subjects.queued()}`]) {
       expect(inTrace).toContain(name);
     }
-    const producer = spans.find((s) => s.name === "send mail.v1.queued")!;
+    expect(inTrace).not.toContain("body.store");
+    const producer = spans.find((s) => s.name === `send ${subjects.queued()}`)!;
     expect(producer.kind).toBe(SpanKind.PRODUCER);
     const everything = JSON.stringify(spans.map((s) => s.attributes));
     for (const local of ["someone", "alice", "bob", "traced"]) expect(everything).not.toContain(local);
@@ -161,6 +163,25 @@ describe("durable acceptance", () => {
     expect(text).toMatch(/mailpipe_smtp_sessions_total\{service="mx"\} [1-9]/);
     expect(text).toMatch(/mailpipe_smtp_message_bytes_count\{service="mx"\} [1-9]/);
     expect(text).toMatch(/mailpipe_smtp_sessions_active\{service="mx"\} \d/);
+  });
+  it("puts a body over ATTACH_MAX into the Object Store first and spools a reference to it", async () => {
+    const queueId = newQueueId();
+    const big = Buffer.alloc(ATTACH_MAX + 1000, "a");
+    const accepted = await acceptMessage({
+      bus: h.bus,
+      telemetry: h.telemetry,
+      queueId,
+      source: "mx",
+      envelope: { mailFrom: "", rcptTo: [{ address: "a@example.test" }], smtputf8: false, bodyType: "7BIT" },
+      prepend: "Received: by test\r\n",
+      chunks: [Buffer.from("Subject: big\r\n\r\n"), big],
+    });
+    expect(accepted.body).toMatchObject({ bucket: "mail-bodies", key: queueId });
+    const q = await waitFor(() => h.queued.find((m) => m.queueId === queueId), { timeoutMs: 5000 });
+    expect(q.body).toEqual(accepted.body);
+    const stored = await h.body(q);
+    expect(stored.length).toBe(accepted.body.size);
+    expect(stored.subarray(0, 40).toString()).toMatch(/^Received: by test\r\nSubject: big\r\n\r\naaaa/);
   });
 });
 

@@ -1,5 +1,14 @@
+import { createHash } from "node:crypto";
 import type { Bus } from "@mailpipe/bus";
-import { type BodyRef, type Envelope, QueuedMail, replies, SmtpError, subjects } from "@mailpipe/contracts";
+import {
+  type AttachedBody,
+  type Envelope,
+  type ObjectBodyRef,
+  QueuedMail,
+  replies,
+  SmtpError,
+  subjects,
+} from "@mailpipe/contracts";
 import { attr, inSpan, SpanKind, type Telemetry } from "@mailpipe/telemetry";
 
 export interface AcceptInput {
@@ -24,9 +33,15 @@ export interface AcceptInput {
   signal?: AbortSignal;
 }
 
+/**
+ * Bodies up to this size travel inside their spool message (one JetStream write for the whole
+ * message); larger ones go to the Object Store first (NATS payloads are 1 MiB at most).
+ */
+export const ATTACH_MAX = 512 * 1024;
+
 export interface Accepted {
   queueId: string;
-  body: BodyRef;
+  body: AttachedBody | ObjectBodyRef;
   /** the SMTP reply to send: `250 2.0.0 OK: queued as <queueId>` */
   reply: ReturnType<typeof replies.accepted>;
 }
@@ -59,9 +74,10 @@ function within<T>(ms: number, work: Promise<T>, abandoned: AbortController): Pr
 
 /**
  * Durable acceptance (DESIGN.md §3 rule 1), the one way mx and msa take responsibility for a
- * message: the body (prepended headers + message) goes into the body store under the queue ID,
- * `QueuedMail` is published on `mail.v1.queued` with `Nats-Msg-Id = queueId`, the `received` and
- * `queued` events are emitted, and only then does this resolve. Any failure (NATS down, a timeout,
+ * message: `QueuedMail` is published to the spool (`mail.v1.spool`, `Nats-Msg-Id = queueId`) with
+ * the body (prepended headers + message) as its attachment, in one JetStream write; a body over
+ * ATTACH_MAX goes into the Object Store under the queue ID first. The `received` and `queued`
+ * events are emitted, and only then does this resolve. Any failure (NATS down, a timeout,
  * a store error) is logged with its cause and thrown as `SmtpError(451 4.3.0)`: the client keeps
  * the message and tries again, and we never answer 250 for something we could lose.
  * Once the client has been told the attempt failed (our timeout, or `signal`), the work that is
@@ -82,39 +98,49 @@ export async function acceptMessage(input: AcceptInput): Promise<Accepted> {
     if (!bus.connected) throw new Error("not connected to NATS");
     const work = (async () => {
       if (abandoned.signal.aborted) throw new AcceptAbandoned("abandoned before it was stored");
-      const store = await bus.bodies();
-      const body = await inSpan(
-        tracer,
-        "body.store",
-        { kind: SpanKind.CLIENT, attributes: { [attr.queueId]: queueId } },
-        async (span) => {
-          const ref = await store.put(queueId, [prepend, ...input.chunks]);
-          span.setAttribute(attr.size, ref.size);
-          return ref;
-        },
-      );
-      // the last moment to honour a failure reply the client already has: nothing awaits from here
-      // to the publish
-      if (abandoned.signal.aborted) {
-        await store
-          .delete(queueId)
-          .catch((err: unknown) =>
-            log.warn(
-              { queueId, err: err instanceof Error ? err.message : String(err) },
-              "could not delete the body of an abandoned message (BODY_TTL will)",
-            ),
-          );
-        throw new AcceptAbandoned("abandoned after it was stored; not queued");
+      const parts = [prepend, ...input.chunks];
+      const size = parts.reduce((n, b) => n + b.length, 0);
+      let body: AttachedBody | ObjectBodyRef;
+      if (size <= ATTACH_MAX) {
+        const hash = createHash("sha256");
+        for (const p of parts) hash.update(p);
+        body = { attached: true, size, sha256: hash.digest("hex") };
+      } else {
+        const store = await bus.bodies();
+        body = await inSpan(
+          tracer,
+          "body.store",
+          { kind: SpanKind.CLIENT, attributes: { [attr.queueId]: queueId } },
+          async (span) => {
+            const ref = await store.put(queueId, parts);
+            span.setAttribute(attr.size, ref.size);
+            return ref;
+          },
+        );
+        // the last moment to honour a failure reply the client already has: nothing awaits from
+        // here to the publish
+        if (abandoned.signal.aborted) {
+          await store
+            .delete(queueId)
+            .catch((err: unknown) =>
+              log.warn(
+                { queueId, err: err instanceof Error ? err.message : String(err) },
+                "could not delete the body of an abandoned message (BODY_TTL will)",
+              ),
+            );
+          throw new AcceptAbandoned("abandoned after it was stored; not queued");
+        }
       }
       bus.emit({
         type: "received",
         queueId,
         mailFrom: envelope.mailFrom,
         recipients,
-        size: body.size,
+        size,
         ...(input.messageId ? { messageId: input.messageId } : {}),
         ...(input.client ? { client: { ip: input.client.ip, helo: input.client.helo } } : {}),
       });
+      // one JetStream write holds the envelope and (when it fits) the body: durable together
       await bus.publish(
         subjects.queued(),
         QueuedMail,
@@ -128,7 +154,7 @@ export async function acceptMessage(input: AcceptInput): Promise<Accepted> {
           ...(input.client ? { client: input.client } : {}),
           ...(input.messageId ? { messageId: input.messageId } : {}),
         },
-        { msgId: queueId },
+        { msgId: queueId, ...("attached" in body ? { attachment: parts } : {}) },
       );
       return body;
     })();

@@ -21,8 +21,10 @@ export interface EdgeHarness {
   spans: InMemorySpanExporter;
   /** JSON log lines of the service */
   logs: string[];
-  /** what the edge published on mail.v1.queued */
+  /** what the edge published to the spool */
   queued: QueuedMail[];
+  /** the stored body of a published message (its attachment, or the Object Store's copy) */
+  body(q: QueuedMail): Promise<Buffer>;
   /** messages the message hook saw */
   seen: { tx: Transaction; message: IncomingMessage }[];
   connect(opts?: Partial<RawConnectOptions>): Promise<RawSmtp>;
@@ -53,7 +55,9 @@ export async function startEdge(natsUrl: string, opts: HarnessOptions = {}): Pro
   await bus.ensureTopology();
   await bus.jsm.streams.purge(topology.streams.queued.name).catch(() => {});
   const queued: QueuedMail[] = [];
-  const sub: Subscription = await bus.consume("router", QueuedMailSchema, (m) => {
+  const attached = new Map<string, Buffer>();
+  const sub: Subscription = await bus.consume("router", QueuedMailSchema, (m, ctx) => {
+    if (ctx.attachment) attached.set(m.queueId, Buffer.from(ctx.attachment));
     queued.push(m);
   });
   const seen: EdgeHarness["seen"] = [];
@@ -93,6 +97,14 @@ export async function startEdge(natsUrl: string, opts: HarnessOptions = {}): Pro
     spans,
     logs,
     queued,
+    async body(q) {
+      if ("attached" in q.body) {
+        const bytes = attached.get(q.queueId);
+        if (!bytes) throw new Error(`no attachment recorded for ${q.queueId}`);
+        return bytes;
+      }
+      return (await bus.bodies()).readBuffer(q.body);
+    },
     seen,
     connect: (c = {}) => RawSmtp.connect({ port: edge.port, ...c }),
     async close() {

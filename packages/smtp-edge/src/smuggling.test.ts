@@ -57,7 +57,7 @@ describe("end-of-data lookalikes", () => {
       message: "queued message",
     });
     expect(published.envelope.rcptTo).toEqual([{ address: "alice@example.test" }]);
-    const stored = (await (await h.bus.bodies()).readBuffer(published.body)).toString("latin1");
+    const stored = (await h.body(published)).toString("latin1");
     expect(stored.endsWith(body)).toBe(true);
     expect(stored).toContain("MAIL FROM:<ceo@victim.test>");
     expect(h.queued.filter((q) => q.envelope.mailFrom === "ceo@victim.test")).toEqual([]);

@@ -66,7 +66,7 @@ async function sendOne(c: RawSmtp, from = "a@remote.test"): Promise<string> {
 
 async function storedBody(h: EdgeHarness, queueId: string): Promise<string> {
   const q = await waitFor(() => h.queued.find((m) => m.queueId === queueId), { timeoutMs: 5000 });
-  return (await (await h.bus.bodies()).readBuffer(q.body)).toString();
+  return (await h.body(q)).toString();
 }
 
 describe("STARTTLS", () => {

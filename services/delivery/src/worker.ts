@@ -1,4 +1,4 @@
-import type { BodyStore, Bus, Outcome } from "@mailpipe/bus";
+import type { BodyStore, Bus, HandlerContext, Outcome } from "@mailpipe/bus";
 import { outcome } from "@mailpipe/bus";
 import {
   formatReply,
@@ -55,7 +55,7 @@ export interface WorkerDeps {
 export interface DeliveryWorker {
   readonly workerId: string;
   /** the bus handler: one SMTP transaction, one status per recipient, then ack */
-  handle(request: RemoteDeliveryRequest): Promise<Outcome | void>;
+  handle(request: RemoteDeliveryRequest, ctx?: Pick<HandlerContext, "attachment">): Promise<Outcome | void>;
   /** transactions in flight to `domain` in this worker */
   inFlight(domain: string): number;
   readonly connector: Connector;
@@ -214,7 +214,10 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
     }
   }
 
-  async function handle(request: RemoteDeliveryRequest): Promise<Outcome | void> {
+  async function handle(
+    request: RemoteDeliveryRequest,
+    hctx?: Pick<HandlerContext, "attachment">,
+  ): Promise<Outcome | void> {
     const pending = unreported.get(request.dispatchId);
     if (pending) {
       unreported.delete(request.dispatchId);
@@ -258,7 +261,11 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
           },
         },
         async (span) => {
-          const r = await runTransaction(request, txDeps);
+          const attachment = hctx?.attachment;
+          const r = await runTransaction(
+            request,
+            attachment ? { ...txDeps, openBody: (ref) => bodies.read(ref, attachment) } : txDeps,
+          );
           for (const o of ["delivered", "deferred", "bounced"] as const) {
             span.setAttribute(`mail.${o}.count`, r.filter((x) => x.outcome === o).length);
           }

@@ -139,9 +139,10 @@ async function harness(
         bodyCalls.read++;
         return store.read(ref);
       },
-      readBuffer: (ref) => {
-        bodyCalls.readBuffer++;
-        return store.readBuffer(ref);
+      // counts reads from the store; a body the request carried is only checked
+      readBuffer: (ref, attachment) => {
+        if (!attachment) bodyCalls.readBuffer++;
+        return store.readBuffer(ref, attachment);
       },
     },
     redis: opts.redis ?? redis,
@@ -202,8 +203,11 @@ function request(
   };
 }
 
-async function send(req: LocalDeliveryRequest, msgId = req.dispatchId): Promise<void> {
-  await router.publish(subjects.deliverLocal(), LocalDeliveryRequest, req, { msgId });
+async function send(req: LocalDeliveryRequest, msgId = req.dispatchId, attachment?: Buffer): Promise<void> {
+  await router.publish(subjects.deliverLocal(), LocalDeliveryRequest, req, {
+    msgId,
+    ...(attachment ? { attachment } : {}),
+  });
 }
 
 async function files(dir: string): Promise<string[]> {
@@ -307,6 +311,34 @@ describe("local delivery", () => {
     expect(metrics).toMatch(/mailpipe_mda_write_seconds_count\{service="mda"\} 2/);
     // small bodies are read once per request, not per recipient
     expect(h.bodyCalls).toEqual({ read: 0, readBuffer: 1 });
+  });
+
+  it("writes a body the request carried without reading the store, and defers one that does not match", async () => {
+    const h = await harness();
+    const body = Buffer.from("From: s@remote.test\r\nSubject: carried\r\n\r\nsmall body\r\n");
+    const sha256 = createHash("sha256").update(body).digest("hex");
+    // the router's reference names a spool message this test never wrote: only the attachment has the bytes
+    const ref = { stream: "MAIL_SPOOL", seq: 999_999, size: body.length, sha256 };
+    const good = request(ref, [{ mailbox: "alice@example.test", address: "alice@example.test", attempt: 1 }]);
+    await send(good, good.dispatchId, body);
+    const forged = request(ref, [{ mailbox: "bob@example.test", address: "bob@example.test", attempt: 1 }]);
+    await send(forged, forged.dispatchId, Buffer.from("From: s@remote.test\r\n\r\nsomething else\r\n"));
+    await waitFor(() => h.statuses.length >= 2, { message: "two statuses" });
+
+    const alice = join(h.root, "example.test/alice/Maildir/new");
+    const [file] = await files(alice);
+    expect(
+      (await readFile(join(alice, file!))).equals(
+        Buffer.concat([header("sender@remote.test", "alice@example.test"), body]),
+      ),
+    ).toBe(true);
+    expect(h.statuses.find((s) => s.queueId === good.queueId)).toMatchObject({ outcome: "delivered" });
+    expect(h.statuses.find((s) => s.queueId === forged.queueId)).toMatchObject({
+      outcome: "deferred",
+      reply: { code: 451, enhanced: "4.3.0" },
+    });
+    expect(await allIn(join(h.root, "example.test/bob"), "new")).toEqual([]);
+    expect(h.bodyCalls).toEqual({ read: 0, readBuffer: 0 });
   });
 
   it("delivers +tags to INBOX (Delivered-To still the plus address) for special-use names and past MDA_MAX_AUTO_FOLDERS", async () => {

@@ -4,6 +4,7 @@ import {
   BodyNotFoundError,
   type BodyStore,
   type Bus,
+  type HandlerContext,
   type Outcome,
   outcome,
 } from "@mailpipe/bus";
@@ -76,7 +77,7 @@ export interface DelivererDeps {
 
 export interface Deliverer {
   /** the bus handler: one copy per recipient, one status each, then ack */
-  handle(request: LocalDeliveryRequest): Promise<Outcome | void>;
+  handle(request: LocalDeliveryRequest, ctx?: Pick<HandlerContext, "attachment">): Promise<Outcome | void>;
   readonly store: MaildirStore;
 }
 
@@ -247,10 +248,13 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
     });
   }
 
-  async function handle(request: LocalDeliveryRequest): Promise<Outcome | void> {
+  async function handle(
+    request: LocalDeliveryRequest,
+    hctx?: Pick<HandlerContext, "attachment">,
+  ): Promise<Outcome | void> {
     let small: Promise<Buffer> | undefined;
     const smallBody = () => {
-      small ??= bodies.readBuffer(request.body);
+      small ??= bodies.readBuffer(request.body, hctx?.attachment);
       return small;
     };
     const reports: Promise<void>[] = [];

@@ -115,7 +115,9 @@ aliases:
   const bus = await Bus.connect({ url: nats.url, name: "msa-test", telemetry });
   await bus.ensureTopology();
   const queued: QueuedMail[] = [];
-  const sub: Subscription = await bus.consume("router", QueuedMailSchema, (m) => {
+  const attached = new Map<string, Buffer>();
+  const sub: Subscription = await bus.consume("router", QueuedMailSchema, (m, ctx) => {
+    if (ctx.attachment) attached.set(m.queueId, Buffer.from(ctx.attachment));
     queued.push(m);
   });
   const env = {
@@ -145,7 +147,10 @@ aliases:
     bus,
     queued,
     async body(m) {
-      return (await (await bus.bodies()).readBuffer(m.body)).toString("utf8");
+      const bytes =
+        "attached" in m.body ? attached.get(m.queueId) : await (await bus.bodies()).readBuffer(m.body);
+      if (!bytes) throw new Error(`no body recorded for ${m.queueId}`);
+      return bytes.toString("utf8");
     },
     async stop() {
       await sub.stop();

@@ -155,7 +155,9 @@ export async function startInProcess(
   await bus.ensureTopology();
   await bus.jsm.streams.purge(topology.streams.queued.name).catch(() => {});
   const queued: QueuedMail[] = [];
-  const sub: Subscription = await bus.consume("router", QueuedMailSchema, (m) => {
+  const attached = new Map<string, Buffer>();
+  const sub: Subscription = await bus.consume("router", QueuedMailSchema, (m, ctx) => {
+    if (ctx.attachment) attached.set(m.queueId, Buffer.from(ctx.attachment));
     queued.push(m);
   });
   const mx = await startMx({ config, telemetry, bus });
@@ -171,7 +173,10 @@ export async function startInProcess(
         timeoutMs: 5000,
         message: `queued message ${queueId}`,
       });
-      return (await (await bus.bodies()).readBuffer(q.body)).toString("latin1");
+      const bytes =
+        "attached" in q.body ? attached.get(queueId) : await (await bus.bodies()).readBuffer(q.body);
+      if (!bytes) throw new Error(`no body recorded for ${queueId}`);
+      return bytes.toString("latin1");
     },
     async close() {
       await mx.close(2000);

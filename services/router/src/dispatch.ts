@@ -16,12 +16,21 @@ import type { RouterContext } from "./deps.ts";
 /** A request carries at most this many recipients (the contract's limit for remote requests). */
 export const MAX_RECIPIENTS_PER_REQUEST = 1000;
 
+/**
+ * Bodies up to this size travel with the first attempt's requests (the spool message's attachment,
+ * which the router holds anyway): the worker reads nothing from the store. Larger ones, and every
+ * retry, are read by the worker from the reference.
+ */
+export const REQUEST_ATTACH_MAX = 128 * 1024;
+
 /** What a request needs from the message. */
 export interface DispatchMessage {
   queueId: string;
   receivedAt: string;
   mailFrom: string;
   body: BodyRef;
+  /** the body's bytes, when the router has them (a first attempt from the spool) */
+  attachment?: Buffer;
   smtputf8: boolean;
   bodyType: "7BIT" | "8BITMIME";
 }
@@ -87,6 +96,10 @@ export function toMxHosts(result: Extract<MailHosts, { kind: "hosts" }>): MxHost
   return result.hosts.map((h) => ({ exchange: h.exchange, priority: h.priority, addresses: h.addresses }));
 }
 
+function attach(msg: DispatchMessage): { attachment?: Buffer } {
+  return msg.attachment && msg.attachment.length <= REQUEST_ATTACH_MAX ? { attachment: msg.attachment } : {};
+}
+
 /** Publishes local copies, one request per chunk; resolves once JetStream acked every one. */
 export async function publishLocal(
   ctx: RouterContext,
@@ -115,7 +128,10 @@ export async function publishLocal(
       })),
       body: msg.body,
     };
-    const ack = await ctx.bus.publish(subjects.deliverLocal(), LocalDeliveryRequest, request, { msgId: id });
+    const ack = await ctx.bus.publish(subjects.deliverLocal(), LocalDeliveryRequest, request, {
+      msgId: id,
+      ...attach(msg),
+    });
     out.push({ dispatchId: id, seq: ack.seq, rids: part.map((r) => r.rid) });
   }
   return out;
@@ -156,6 +172,7 @@ export async function publishRemote(
     };
     const ack = await ctx.bus.publish(subjects.deliverRemote(domain), RemoteDeliveryRequest, request, {
       msgId: id,
+      ...attach(msg),
     });
     out.push({ dispatchId: id, seq: ack.seq, rids: part.map((r) => r.rid) });
   }

@@ -1,5 +1,6 @@
 // Runs the scheduler's DSN tasks: collect the recipients to report, build the report (dsn.ts),
 // store it, and queue it as a new message from the null sender.
+import { createHash } from "node:crypto";
 import { newQueueId, QueuedMail, subjects } from "@mailpipe/contracts";
 import type { DsnJob, MessageRecord, RecipientRecord } from "@mailpipe/queue";
 import { attr, inSpan, SpanKind } from "@mailpipe/telemetry";
@@ -118,9 +119,10 @@ async function sendDsn(
     date: now,
     messageId: `${dsnQueueId}@${host}`,
   });
-  // A retried task (after a crash or a lost ack) reuses the report an earlier try stored whole: its
-  // mail.v1.queued may already be stored too, pointing at exactly those bytes.
-  const body = (await ctx.bodies.refOf(dsnQueueId)) ?? (await ctx.bodies.put(dsnQueueId, built.raw));
+  // The report travels as its spool message's attachment. A retried task (after a crash or a lost
+  // ack) builds it again under the same queue id and Nats-Msg-Id: within the duplicate window
+  // JetStream stores it once, and later the router finds the report's state already in Redis.
+  const raw = built.raw;
   const mail: QueuedMail = {
     v: 1,
     queueId: dsnQueueId,
@@ -132,11 +134,11 @@ async function sendDsn(
       smtputf8: built.utf8Address,
       bodyType: built.eightBit ? "8BITMIME" : "7BIT",
     },
-    body,
+    body: { attached: true, size: raw.length, sha256: createHash("sha256").update(raw).digest("hex") },
     messageId: `<${dsnQueueId}@${host}>`,
     dsn: { of: message.queueId, kind },
   };
-  await ctx.bus.publish(subjects.queued(), QueuedMail, mail, { msgId: dsnQueueId });
+  await ctx.bus.publish(subjects.queued(), QueuedMail, mail, { msgId: dsnQueueId, attachment: raw });
   ctx.metrics.dsn.inc({ kind });
   const recipients = reported.map((r) => r.address);
   ctx.bus.emit({

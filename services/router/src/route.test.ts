@@ -1,4 +1,5 @@
-import { QueuedMail, subjects } from "@mailpipe/contracts";
+import { createHash } from "node:crypto";
+import { newQueueId, QueuedMail, replies, subjects, topology } from "@mailpipe/contracts";
 import { waitFor } from "@mailpipe/testing";
 import { simpleParser } from "mailparser";
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
@@ -76,7 +77,14 @@ describe("routing queued mail", () => {
       attempt: 1,
     });
     expect(copies.every((c) => c.attempt === 1)).toBe(true);
-    expect(requests[0]).toMatchObject({ mailFrom: "sender@other.test", body: mail.body });
+    // the first attempt carries the body with it; the reference names the spool message
+    expect(requests[0]).toMatchObject({
+      mailFrom: "sender@other.test",
+      body: { stream: "MAIL_SPOOL", seq: mail.spoolSeq, size: mail.body.size, sha256: mail.body.sha256 },
+    });
+    const carried = peers.attachments.get(requests[0]!.dispatchId);
+    expect(carried?.toString()).toContain("Subject: Quarterly report");
+    expect(createHash("sha256").update(carried!).digest("hex")).toBe(mail.body.sha256);
     expect(requests[0]!.dispatchId).toBe(`${mail.queueId}:local:1`);
     expect(peers.remote.filter((r) => r.queueId === mail.queueId)).toEqual([]);
     expect(await router.metric("router_routed_total", { kind: "local" })).toBe(5);
@@ -196,7 +204,11 @@ describe("routing queued mail", () => {
     const mail = await peers.queue({ rcptTo: ["one@remote.test", "alice@example.test"] });
     await peers.waitRemote((r) => r.queueId === mail.queueId, "the first request");
     // the same message again, as JetStream redelivers it when an ack was lost
-    await peers.bus.publish(subjects.queued(), QueuedMail, mail, { msgId: `${mail.queueId}-again` });
+    await peers.queue({
+      queueId: mail.queueId,
+      rcptTo: ["one@remote.test", "alice@example.test"],
+      msgId: `${mail.queueId}-again`,
+    });
     await waitFor(
       async () =>
         (await router.metric("bus_messages_handled_total", { consumer: "router", outcome: "ack" })) === 2,
@@ -208,5 +220,58 @@ describe("routing queued mail", () => {
     const state = await router.queue.getMessage(mail.queueId);
     expect(state?.message).toMatchObject({ open: 2, total: 2 });
     expect(state?.recipients.every((r) => r.attempt === 1 && r.state === "pending")).toBe(true);
+  });
+
+  it("sends a body kept in the Object Store (a large message) by reference, and deletes it when final", async () => {
+    const mail = await peers.queue({ rcptTo: ["alice@example.test"], objectStore: true });
+    const request = await peers.waitLocal((r) => r.queueId === mail.queueId, "the local request");
+    expect(request.body).toEqual(mail.body);
+    expect(peers.attachments.has(request.dispatchId)).toBe(false);
+    const bodies = await peers.bus.bodies();
+    expect((await bodies.readBuffer(request.body)).toString()).toContain("Subject: Quarterly report");
+    await peers.status(request, "alice@example.test", "delivered", replies.delivered());
+    await waitFor(async () => !(await peers.bodyExists(mail)), { message: "spool entry and body deleted" });
+    expect("key" in mail.body && (await bodies.exists(mail.body.key))).toBe(false);
+  });
+
+  it("routes what the pre-spool work queue still holds after an upgrade", async () => {
+    // a deployment upgraded from before the spool: MAIL_QUEUED (work queue) still holds a message
+    const legacy = topology.legacyQueued;
+    await peers.bus.jsm.streams.add({
+      name: legacy.name,
+      subjects: [...legacy.subjects],
+      // the jetstream enums' values (the router does not depend on @nats-io/jetstream)
+      retention: "workqueue" as never,
+      storage: "file" as never,
+    });
+    const bodies = await peers.bus.bodies();
+    const queueId = newQueueId();
+    const raw = Buffer.from("Subject: from before the upgrade\r\n\r\nhello\r\n");
+    const mail: QueuedMail = {
+      v: 1,
+      queueId,
+      source: "mx",
+      receivedAt: new Date().toISOString(),
+      envelope: {
+        mailFrom: "old@other.test",
+        rcptTo: [{ address: "bob@example.test" }],
+        smtputf8: false,
+        bodyType: "7BIT",
+      },
+      body: await bodies.put(queueId, raw),
+    };
+    await peers.bus.publish(subjects.queuedLegacy(), QueuedMail, mail, { msgId: queueId });
+    // the router binds the old queue when it starts and finds it
+    const upgraded = await startTestRouter(env);
+    try {
+      const request = await peers.waitLocal((r) => r.queueId === queueId, "the request from the old queue");
+      expect(request.body).toEqual(mail.body);
+      expect((await bodies.readBuffer(request.body)).equals(raw)).toBe(true);
+      await waitFor(async () => (await peers.bus.jsm.streams.info(legacy.name)).state.messages === 0, {
+        message: "the old queue drained",
+      });
+    } finally {
+      await upgraded.stop();
+    }
   });
 });

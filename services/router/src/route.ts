@@ -1,5 +1,6 @@
-// mail.v1.queued → delivery requests: the first attempt of every recipient of a message.
-import { type QueuedMail, replies } from "@mailpipe/contracts";
+// mail.v1.spool → delivery requests: the first attempt of every recipient of a message.
+import type { HandlerContext } from "@mailpipe/bus";
+import { type BodyRef, type QueuedMail, replies, topology } from "@mailpipe/contracts";
 import type { MessageInput, RecipientRecord } from "@mailpipe/queue";
 import { attr, inSpan, SpanKind } from "@mailpipe/telemetry";
 import type { RouterContext } from "./deps.ts";
@@ -39,7 +40,7 @@ function groupBy<T>(items: readonly T[], key: (item: T) => string): Map<string, 
 export function createRouteHandler(ctx: RouterContext) {
   const { log, tracer } = ctx.telemetry;
 
-  return async (mail: QueuedMail): Promise<void> => {
+  return async (mail: QueuedMail, hctx: HandlerContext): Promise<void> => {
     await inSpan(
       tracer,
       "route",
@@ -60,12 +61,23 @@ export function createRouteHandler(ctx: RouterContext) {
           now,
         });
         const traceparent = currentTraceparent();
+        // a spool message stays until the message is final (deleted then); one from the pre-spool
+        // work queue is gone once acked, and its body is in the Object Store
+        const spooled = hctx.stream === topology.streams.queued.name;
+        let body: BodyRef;
+        if ("attached" in mail.body) {
+          if (!spooled || !hctx.attachment) {
+            throw new Error(`message ${mail.queueId} says its body is attached, but it carries none`);
+          }
+          body = { stream: hctx.stream, seq: hctx.seq, size: mail.body.size, sha256: mail.body.sha256 };
+        } else body = mail.body;
         const input: MessageInput = {
           queueId: mail.queueId,
           mailFrom: mail.envelope.mailFrom,
           receivedAt: mail.receivedAt,
           source: mail.source,
-          body: mail.body,
+          body,
+          ...(spooled ? { spool: { stream: hctx.stream, seq: hctx.seq } } : {}),
           ...(mail.messageId ? { messageId: mail.messageId } : {}),
           ...(traceparent ? { traceparent } : {}),
           smtputf8: mail.envelope.smtputf8,
@@ -80,7 +92,8 @@ export function createRouteHandler(ctx: RouterContext) {
           mailFrom: mail.envelope.mailFrom,
           source: mail.source,
           notices,
-          body: mail.body,
+          body,
+          ...(hctx.attachment ? { attachment: hctx.attachment } : {}),
           smtputf8: mail.envelope.smtputf8,
           bodyType: mail.envelope.bodyType,
         };

@@ -1,5 +1,5 @@
 import type { Bus } from "@mailpipe/bus";
-import { QueuedMail, RecipientStatus } from "@mailpipe/contracts";
+import { QueuedMail, RecipientStatus, topology } from "@mailpipe/contracts";
 import type { Directory } from "@mailpipe/directory";
 import type { DnsResolver } from "@mailpipe/dns";
 import { MailQueue } from "@mailpipe/queue";
@@ -52,14 +52,25 @@ export async function startRouter(opts: RouterOptions): Promise<Router> {
     now: opts.now ?? Date.now,
   };
   const consumeOpts = { maxInFlight: config.ROUTER_CONCURRENCY };
-  const queued = await bus.consume("router", QueuedMail, createRouteHandler(ctx), consumeOpts);
+  const route = createRouteHandler(ctx);
+  const queued = await bus.consume("router", QueuedMail, route, consumeOpts);
+  // after an upgrade: route what the pre-spool work queue still holds, until it is empty
+  const legacy = (await bus.streamExists(topology.legacyQueued.name))
+    ? await bus.consume("routerLegacy", QueuedMail, route, consumeOpts)
+    : undefined;
+  if (legacy) {
+    telemetry.log.warn(
+      { stream: topology.legacyQueued.name },
+      "routing what the pre-spool work queue still holds; delete the stream once it is empty (nats stream rm)",
+    );
+  }
   const statuses = await bus.consume("routerStatus", RecipientStatus, createStatusHandler(ctx), consumeOpts);
   const scheduler = startScheduler(ctx);
   return {
     queue,
     scheduler,
     async stop() {
-      await Promise.all([queued.stop(), statuses.stop(), scheduler.stop()]);
+      await Promise.all([queued.stop(), legacy?.stop(), statuses.stop(), scheduler.stop()]);
     },
   };
 }

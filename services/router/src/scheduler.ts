@@ -3,7 +3,7 @@
 // Its watchdog takes recipients no worker reported on within STALE_DISPATCH whose request has left
 // MAIL_DELIVER (a lost request or status, a request a worker dropped; see watchdog.ts) and sends them
 // through the same retry path as the next attempt.
-import { destinationToken, replies } from "@mailpipe/contracts";
+import { destinationToken, isSpoolRef, replies } from "@mailpipe/contracts";
 import type { ClaimedJob, MessageRecord, RetryJob } from "@mailpipe/queue";
 import { attr, contextWithQueueId, inSpan } from "@mailpipe/telemetry";
 import { context } from "@opentelemetry/api";
@@ -134,7 +134,8 @@ async function stillHeld(ctx: RouterContext, jobs: RetryJob[]): Promise<RetryJob
 async function runTask(ctx: RouterContext, job: ClaimedJob): Promise<void> {
   try {
     if (job.kind === "gc") {
-      await ctx.bodies.delete(job.body.key);
+      if (job.spool) await ctx.bodies.deleteSpooled(job.spool.stream, job.spool.seq);
+      if (!isSpoolRef(job.body)) await ctx.bodies.delete(job.body.key);
       await ctx.queue.complete([job]);
       ctx.telemetry.log.debug({ queueId: job.queueId }, "body deleted");
     } else if (job.kind === "dsn") {

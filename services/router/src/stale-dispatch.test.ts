@@ -115,7 +115,7 @@ describe("recipients no worker reported on", () => {
     });
 
     await peers.status(second, "one@remote.test", "delivered", replies.delivered());
-    await waitFor(async () => !(await peers.bodyExists(mail.body.key)), { message: "body deleted" });
+    await waitFor(async () => !(await peers.bodyExists(mail)), { message: "body deleted" });
     expect(await r.queue.getMessage(mail.queueId)).toBeNull();
     expect(await r.metric("router_final_total", { state: "delivered" })).toBe(1);
     expect(await r.metric("router_final_total", { state: "bounced" })).toBe(0);
@@ -201,10 +201,10 @@ describe("recipients no worker reported on", () => {
       state: "pending",
       attempt: 2,
     });
-    expect(await peers.bodyExists(mail.body.key)).toBe(true);
+    expect(await peers.bodyExists(mail)).toBe(true);
 
     await peers.status(second, "carol@example.test", "delivered", replies.delivered());
-    await waitFor(async () => !(await peers.bodyExists(mail.body.key)), { message: "body deleted" });
+    await waitFor(async () => !(await peers.bodyExists(mail)), { message: "body deleted" });
     expect(await r.queue.isFinished(mail.queueId)).toBe(true);
     expect(await r.metric("router_stale_redispatched_total", { kind: "local" })).toBe(1);
     expect(await r.metric("router_final_total", { state: "delivered" })).toBe(1);
@@ -234,7 +234,7 @@ describe("recipients no worker reported on", () => {
         "diagnostic-code": "smtp; 451 4.4.7 No delivery result reported",
       }),
     ]);
-    await waitFor(async () => !(await peers.bodyExists(mail.body.key)), { message: "body deleted" });
+    await waitFor(async () => !(await peers.bodyExists(mail)), { message: "body deleted" });
 
     await sleep(3500); // past another STALE_DISPATCH: nothing else goes out
     expect(peers.remote.filter((q) => q.queueId === mail.queueId)).toHaveLength(1);

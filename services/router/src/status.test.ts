@@ -259,10 +259,10 @@ describe("worker statuses and retries", () => {
       message: "remote recipient final",
     });
     await sleep(500); // several scheduler rounds
-    expect(await peers.bodyExists(mail.body.key)).toBe(true);
+    expect(await peers.bodyExists(mail)).toBe(true);
 
     await peers.status(local, "alice@example.test", "delivered", replies.delivered());
-    await waitFor(async () => !(await peers.bodyExists(mail.body.key)), { message: "body deleted" });
+    await waitFor(async () => !(await peers.bodyExists(mail)), { message: "body deleted" });
     expect(await r.queue.getMessage(mail.queueId)).toBeNull();
     expect(await r.queue.isFinished(mail.queueId)).toBe(true);
   });

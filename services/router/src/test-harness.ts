@@ -1,5 +1,6 @@
 // Test support (not loaded by the service): real NATS, Redis and DNS, an in-process router, and a
 // stand-in for delivery and mda that records the requests it gets and reports statuses.
+import { createHash } from "node:crypto";
 import { writeFile } from "node:fs/promises";
 import path from "node:path";
 import { Writable } from "node:stream";
@@ -104,6 +105,7 @@ export async function startEnvironment(): Promise<Environment> {
           await admin.jsm.consumers.delete(c.stream, c.durable).catch(() => {});
         for (const s of Object.values(topology.streams))
           await admin.jsm.streams.purge(s.name).catch(() => {});
+        await admin.jsm.streams.delete(topology.legacyQueued.name).catch(() => {});
       } finally {
         await admin.close();
       }
@@ -216,14 +218,22 @@ export interface MailOptions {
   receivedAt?: string;
   /** Nats-Msg-Id of the queued publish (default: the queue id) */
   msgId?: string;
+  /** put the body in the Object Store (as for large messages) instead of attaching it */
+  objectStore?: boolean;
 }
+
+/** A queued test message and where the spool stored it. */
+export type QueuedTestMail = QueuedMail & { spoolSeq: number };
 
 /** Plays msa/mx (queues mail), delivery and mda (records requests, reports statuses). */
 export interface Peers {
   bus: Bus;
   local: LocalDeliveryRequest[];
   remote: RemoteDeliveryRequest[];
-  queue(opts: MailOptions): Promise<QueuedMail>;
+  /** the body bytes a request carried with it, by dispatch id */
+  attachments: Map<string, Buffer>;
+  /** queues a message as mx does (body attached to its spool message, or in the Object Store) */
+  queue(opts: MailOptions): Promise<QueuedTestMail>;
   /** reports one recipient's outcome for an attempt of `request` */
   status(
     request: LocalDeliveryRequest | RemoteDeliveryRequest,
@@ -244,7 +254,8 @@ export interface Peers {
   ): Promise<RemoteDeliveryRequest>;
   /** DSNs delivered to a local mailbox (null sender), raw */
   dsnsFor(mailbox: string): Promise<Buffer[]>;
-  bodyExists(key: string): Promise<boolean>;
+  /** whether the message's spool entry or body is still stored */
+  bodyExists(mail: QueuedTestMail): Promise<boolean>;
   stop(): Promise<void>;
 }
 
@@ -255,14 +266,17 @@ export async function startPeers(envr: Environment, opts: { consume?: boolean } 
   const bodies = await bus.bodies();
   const local: LocalDeliveryRequest[] = [];
   const remote: RemoteDeliveryRequest[] = [];
+  const attachments = new Map<string, Buffer>();
   const subs =
     opts.consume === false
       ? []
       : [
-          await bus.consume("mda", LocalDeliveryRequest, (m) => {
+          await bus.consume("mda", LocalDeliveryRequest, (m, ctx) => {
+            if (ctx.attachment) attachments.set(m.dispatchId, Buffer.from(ctx.attachment));
             local.push(m);
           }),
-          await bus.consume("delivery", RemoteDeliveryRequest, (m) => {
+          await bus.consume("delivery", RemoteDeliveryRequest, (m, ctx) => {
+            if (ctx.attachment) attachments.set(m.dispatchId, Buffer.from(ctx.attachment));
             remote.push(m);
           }),
         ];
@@ -272,6 +286,7 @@ export async function startPeers(envr: Environment, opts: { consume?: boolean } 
     bus,
     local,
     remote,
+    attachments,
     async queue(opts) {
       const queueId = opts.queueId ?? newQueueId();
       const mailFrom = opts.mailFrom ?? "sender@other.test";
@@ -287,7 +302,10 @@ export async function startPeers(envr: Environment, opts: { consume?: boolean } 
         "The numbers are attached in spirit.",
         "",
       ].join("\r\n");
-      const body = await bodies.put(queueId, Buffer.from(raw));
+      const bytes = Buffer.from(raw);
+      const body: QueuedMail["body"] = opts.objectStore
+        ? await bodies.put(queueId, bytes)
+        : { attached: true, size: bytes.length, sha256: createHash("sha256").update(bytes).digest("hex") };
       const mail: QueuedMail = {
         v: 1,
         queueId,
@@ -302,8 +320,11 @@ export async function startPeers(envr: Environment, opts: { consume?: boolean } 
         body,
         messageId: `<${queueId}@other.test>`,
       };
-      await bus.publish(subjects.queued(), QueuedMail, mail, { msgId: opts.msgId ?? queueId });
-      return mail;
+      const ack = await bus.publish(subjects.queued(), QueuedMail, mail, {
+        msgId: opts.msgId ?? queueId,
+        ...(opts.objectStore ? {} : { attachment: bytes }),
+      });
+      return { ...mail, spoolSeq: ack.seq };
     },
     async status(request, recipient, outcome, reply, attempt) {
       const rcpt = request.recipients.find((r) =>
@@ -337,7 +358,13 @@ export async function startPeers(envr: Environment, opts: { consume?: boolean } 
       }
       return out;
     },
-    bodyExists: (key) => bodies.exists(key),
+    async bodyExists(mail) {
+      const spooled = await bus.jsm.direct
+        .getMessage(topology.streams.queued.name, { seq: mail.spoolSeq })
+        .then((m) => m !== null)
+        .catch(() => false);
+      return spooled || ("key" in mail.body && (await bodies.exists(mail.body.key)));
+    },
     async stop() {
       for (const s of subs) await s.stop();
       await bus.close();
