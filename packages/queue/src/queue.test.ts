@@ -156,6 +156,52 @@ describe("message state", () => {
     expect(await q.findRecipient(m.queueId, "bob@example.test", "local")).toBeNull();
   });
 
+  it("finishes the recipient a status names in one call: by remote address, by mailbox or by the copy's address", async () => {
+    const q = new MailQueue(client());
+    const m = message();
+    const local: RecipientRecord = {
+      rid: "l:alice@example.test",
+      seq: 1,
+      kind: "local",
+      address: "alice+news@example.test",
+      mailbox: "alice@example.test",
+      state: "pending",
+      attempt: 1,
+      notifyFailure: true,
+      notifyDelay: true,
+    };
+    await q.createMessage(m, [remote("a@remote.test"), local]);
+    const ok = { lastReply: replies.delivered(), lastAttemptAt: new Date().toISOString() };
+    expect(
+      await q.finishByAddress(m.queueId, "bob@example.test", "local", 1, "delivered", ok, { dsn: false }),
+    ).toEqual({
+      status: "missing",
+    });
+    expect(
+      await q.finishByAddress(m.queueId, "a@remote.test", "remote", 2, "delivered", ok, { dsn: false }),
+    ).toMatchObject({
+      status: "stale",
+      recipient: { rid: "r:a@remote.test", attempt: 1, state: "pending" },
+    });
+    expect(
+      await q.finishByAddress(m.queueId, "a@remote.test", "remote", 1, "delivered", ok, { dsn: false }),
+    ).toMatchObject({
+      status: "ok",
+      recipient: { state: "delivered" },
+    });
+    // mda reports the copy's address (Delivered-To): the alias map finds the mailbox's recipient
+    const last = await q.finishByAddress(m.queueId, "alice+news@example.test", "local", 1, "delivered", ok, {
+      dsn: false,
+    });
+    expect(last).toMatchObject({ status: "ok", recipient: { rid: local.rid }, finalized: m.receivedAt });
+    expect(await q.getMessage(m.queueId)).toBeNull();
+    expect(
+      await q.finishByAddress(m.queueId, "a@remote.test", "remote", 1, "delivered", ok, { dsn: false }),
+    ).toEqual({
+      status: "missing",
+    });
+  });
+
   it("batches bounces into one failure DSN task and keeps the body until it is done", async () => {
     const q = new MailQueue(client(), { dsnBatchDelayMs: 0 });
     const m = message();

@@ -7,6 +7,7 @@ import {
   COMPLETE_DISPATCHED,
   COMPLETE_DSN,
   CREATE_MESSAGE,
+  FINISH_BY_ADDRESS,
   FINISH_RECIPIENT,
   FLUSH,
   MARK,
@@ -40,6 +41,7 @@ declare module "ioredis" {
   interface RedisCommander<Context> {
     mpCreateMessage(...args: Arg[]): Result<string[], Context>;
     mpFinishRecipient(...args: Arg[]): Result<string[], Context>;
+    mpFinishByAddress(...args: Arg[]): Result<string[], Context>;
     mpScheduleRetry(...args: Arg[]): Result<string[], Context>;
     mpClaim(...args: Arg[]): Result<[string, string[]][], Context>;
     mpClaimStale(...args: Arg[]): Result<[string, string[]][], Context>;
@@ -58,6 +60,7 @@ declare module "ioredis" {
 const COMMANDS = {
   mpCreateMessage: CREATE_MESSAGE,
   mpFinishRecipient: FINISH_RECIPIENT,
+  mpFinishByAddress: FINISH_BY_ADDRESS,
   mpScheduleRetry: SCHEDULE_RETRY,
   mpClaim: CLAIM,
   mpClaimStale: CLAIM_STALE,
@@ -98,6 +101,17 @@ function parseRecipient(json: string): RecipientRecord {
   r.attempt = Number(r.attempt);
   r.seq = Number(r.seq ?? 0);
   return r;
+}
+
+function finishResult([status, json, finalized, queued]: string[]): FinishResult {
+  if (status === "missing") return { status };
+  if (status === "stale") return { status, recipient: parseRecipient(json!) };
+  return {
+    status: "ok",
+    recipient: parseRecipient(json!),
+    ...(finalized ? { finalized } : {}),
+    dsnQueued: queued === "1",
+  };
 }
 
 function bySeq(list: RecipientRecord[]): RecipientRecord[] {
@@ -252,6 +266,35 @@ export class MailQueue {
   }
 
   /**
+   * finishRecipient for the recipient a worker's status names (as findRecipient finds it), in one
+   * round trip: a "delivered" status needs nothing else from the router.
+   */
+  async finishByAddress(
+    queueId: string,
+    address: string,
+    kind: "local" | "remote",
+    expectedAttempt: number,
+    state: FinalState,
+    patch: OutcomePatch,
+    opts: { dsn: boolean; now?: number },
+  ): Promise<FinishResult> {
+    const reply = await this.redis.mpFinishByAddress(
+      this.prefix,
+      queueId,
+      address,
+      kind,
+      expectedAttempt,
+      state,
+      JSON.stringify(patch),
+      opts.dsn ? "1" : "0",
+      opts.now ?? Date.now(),
+      this.dsnBatchDelayMs,
+      this.tombstoneTtlMs,
+    );
+    return finishResult(reply);
+  }
+
+  /**
    * Makes a recipient final, only if it is still pending on `expectedAttempt` (else "stale": an older
    * attempt's status, or a duplicate). Removes its retry job; with `dsn`, queues it for the message's
    * failure DSN. When it was the last open recipient and no DSN needs the body, the message is
@@ -265,7 +308,7 @@ export class MailQueue {
     patch: OutcomePatch,
     opts: { dsn: boolean; now?: number },
   ): Promise<FinishResult> {
-    const [status, json, finalized, queued] = await this.redis.mpFinishRecipient(
+    const reply = await this.redis.mpFinishRecipient(
       this.prefix,
       queueId,
       rid,
@@ -277,14 +320,7 @@ export class MailQueue {
       this.dsnBatchDelayMs,
       this.tombstoneTtlMs,
     );
-    if (status === "missing") return { status };
-    if (status === "stale") return { status, recipient: parseRecipient(json!) };
-    return {
-      status: "ok",
-      recipient: parseRecipient(json!),
-      ...(finalized ? { finalized } : {}),
-      dsnQueued: queued === "1",
-    };
+    return finishResult(reply);
   }
 
   /**

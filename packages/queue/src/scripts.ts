@@ -137,6 +137,45 @@ return {"ok", encoded, fin or "", queued}
 `;
 
 /**
+ * A worker's status in one round trip: the recipient found by the address the worker reported
+ * (remote: `r:<address>`; local: `l:<mailbox>`, or the copy's address through the alias map), then
+ * FINISH_RECIPIENT. ARGV: prefix, queueId, address, kind ("local" | "remote"), expectedAttempt, state,
+ * patchJson, dsn, now, dsnBatchDelayMs, tombstoneTtlMs. Returns as FINISH_RECIPIENT.
+ */
+export const FINISH_BY_ADDRESS = `${COMMON}
+local q, address, now = ARGV[2], ARGV[3], ARGV[9]
+local mk, rk = mkey(q), rkey(q)
+if redis.call("EXISTS", mk) == 0 then return {"missing"} end
+local rid
+if ARGV[4] == "remote" then
+  rid = "r:" .. address
+elseif redis.call("HEXISTS", rk, "l:" .. address) == 1 then
+  rid = "l:" .. address
+else
+  rid = redis.call("HGET", akey(q), address)
+end
+if not rid then return {"missing"} end
+local raw = redis.call("HGET", rk, rid)
+if not raw then return {"missing"} end
+local r = cjson.decode(raw)
+if r.state ~= "pending" or tonumber(r.attempt) ~= tonumber(ARGV[5]) then return {"stale", raw} end
+r.state = ARGV[6]
+for field, value in pairs(cjson.decode(ARGV[7])) do r[field] = value end
+local encoded = cjson.encode(r)
+redis.call("HSET", rk, rid, encoded)
+redis.call("HINCRBY", mk, "open", -1)
+drop_job(q .. ":" .. rid)
+local queued = "0"
+if ARGV[8] == "1" and r.notifyFailure and redis.call("HGET", mk, "notices") == "1" then
+  redis.call("SADD", bkey(q), rid)
+  ensure_failure_dsn(q, tonumber(now) + tonumber(ARGV[10]))
+  queued = "1"
+end
+local fin = finalize(q, now, ARGV[11])
+return {"ok", encoded, fin or "", queued}
+`;
+
+/**
  * ARGV: prefix, queueId, rid, expectedAttempt, dueAt, patchJson, delayNotice ("1" when due), now
  * Returns {"missing"} | {"stale", recipientJson} | {"ok", recipientJson, delayQueued}
  */

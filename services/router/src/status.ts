@@ -2,7 +2,7 @@
 import type { RecipientStatus } from "@mailpipe/contracts";
 import type { OutcomePatch } from "@mailpipe/queue";
 import type { RouterContext } from "./deps.ts";
-import { deferRecipient, finishRecipient } from "./outcomes.ts";
+import { deferRecipient, finishRecipient, observeFinal } from "./outcomes.ts";
 
 /**
  * Applies one worker status. A status for another attempt than the one the recipient is on (an
@@ -13,6 +13,46 @@ export function createStatusHandler(ctx: RouterContext) {
   const { log } = ctx.telemetry;
   return async (s: RecipientStatus): Promise<void> => {
     const kind = s.service === "mda" ? "local" : "remote";
+    if (s.outcome === "delivered") {
+      // the common case needs nothing but the recipient's own state: one round trip
+      const patch: OutcomePatch = {
+        lastReply: s.reply,
+        lastAttemptAt: s.at,
+        ...(s.remoteMta ? { remoteMta: s.remoteMta } : {}),
+      };
+      const res = await ctx.queue.finishByAddress(
+        s.queueId,
+        s.recipient,
+        kind,
+        s.attempt,
+        "delivered",
+        patch,
+        {
+          dsn: false,
+          now: ctx.now(),
+        },
+      );
+      if (res.status === "missing") {
+        log.info(
+          { recipient: s.recipient, outcome: s.outcome },
+          "status for an unknown or finished message: ignored",
+        );
+      } else if (res.status === "stale") {
+        log.debug(
+          {
+            recipient: s.recipient,
+            attempt: s.attempt,
+            current: res.recipient.attempt,
+            state: res.recipient.state,
+          },
+          "stale or duplicate status: ignored",
+        );
+      } else {
+        ctx.metrics.final.inc({ state: "delivered" });
+        if (res.finalized) observeFinal(ctx, s.queueId, res.finalized);
+      }
+      return;
+    }
     const r = await ctx.queue.findRecipient(s.queueId, s.recipient, kind);
     if (!r) {
       log.info(
@@ -35,9 +75,7 @@ export function createStatusHandler(ctx: RouterContext) {
       lastAttemptAt: s.at,
       ...(s.remoteMta ? { remoteMta: s.remoteMta } : {}),
     };
-    if (s.outcome === "delivered") {
-      await finishRecipient(ctx, msg, r, "delivered", patch, { dsn: false });
-    } else if (s.outcome === "bounced") {
+    if (s.outcome === "bounced") {
       await finishRecipient(ctx, msg, r, "bounced", patch, { dsn: true });
     } else {
       await deferRecipient(ctx, msg, r, patch);
