@@ -220,6 +220,28 @@ describe("queue ids", () => {
     expect(ids.every(isQueueId)).toBe(true);
     expect(Math.abs(queueIdTime(ids[0]!) - Date.now())).toBeLessThan(5000);
   });
+
+  it("count up within one millisecond, carry the given time, and spread over the whole random space", () => {
+    const t = Date.now() + 86_400_000; // ahead of any id made before in this process
+    const a = newQueueId(t);
+    const b = newQueueId(t);
+    const c = newQueueId(t - 10); // a clock step back stays in order too
+    expect(queueIdTime(a)).toBe(t);
+    expect(a < b && b < c).toBe(true);
+    expect(queueIdTime(c)).toBe(t);
+    // the random part went up by one
+    const value = (id: string) =>
+      [...id.slice(10)].reduce(
+        (n, ch) => n * 32n + BigInt("0123456789ABCDEFGHJKMNPQRSTVWXYZ".indexOf(ch)),
+        0n,
+      );
+    expect(value(b) - value(a)).toBe(1n);
+    // fresh milliseconds draw fresh randomness, spread over all 80 bits: each of the 32 values shows
+    // up in the first and in the last random digit
+    const ids = Array.from({ length: 2000 }, (_, i) => newQueueId(t + 1 + i));
+    expect(new Set(ids.map((id) => id.charAt(10))).size).toBe(32);
+    expect(new Set(ids.map((id) => id.charAt(25))).size).toBe(32);
+  });
 });
 
 describe("SMTP replies", () => {
