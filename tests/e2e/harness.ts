@@ -35,6 +35,8 @@ export interface PipelineOptions {
   tracing?: boolean;
   /** extra node flags for every service, e.g. ["--cpu-prof"] */
   nodeArgs?: string[];
+  /** open nats-server's monitoring port (benchmarks read /varz and /connz) */
+  natsMonitor?: boolean;
 }
 
 export interface Pipeline {
@@ -59,7 +61,7 @@ export interface Pipeline {
 
 export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
   const dir = await tempDir("mailpipe-e2e");
-  const [nats, redis] = await Promise.all([startNats(), startRedis()]);
+  const [nats, redis] = await Promise.all([startNats({ monitor: opts.natsMonitor ?? false }), startRedis()]);
   const dns = await startDnsServer({ records: opts.dns ?? {} });
   const otlp = opts.tracing ? await startOtlpReceiver() : undefined;
   const keyDir = join(dir.path, "dkim");

@@ -11,6 +11,12 @@ export const config = baseConfig.extend({
   MDA_CONCURRENCY: z.coerce.number().int().min(1).max(1024).default(32),
   /** fsync files and directories before reporting delivered; turn off only for benchmarks */
   MDA_FSYNC: bool(true),
+  /**
+   * how a copy's open/write/close/rename/stat are made: `auto` inline on a local filesystem (ext4,
+   * xfs, btrfs, tmpfs, overlay, zfs…) and through the thread pool on any other (NFS, CephFS, SMB,
+   * FUSE); `inline`; `threadpool`. fsync always waits in the thread pool.
+   */
+  MAILDIR_IO: z.enum(["auto", "inline", "threadpool"]).default("auto"),
   MDA_ACK_WAIT: duration("60s"),
   /**
    * a +tag's folder is created only while the mailbox has fewer folders than this (0: never);

@@ -28,6 +28,7 @@ import {
   messageName,
   TmpInUseError,
 } from "./maildir.ts";
+import { MaildirIo } from "./maildir-io.ts";
 import { QuotaTracker } from "./quota.ts";
 
 /** Bodies up to this size are read once per request and written from memory; larger ones stream. */
@@ -73,6 +74,8 @@ export interface DelivererDeps {
   maxAutoFolders?: number;
   /** how long a mailbox's counted usage is trusted (default 5 s) */
   quotaCacheMs?: number;
+  /** the Maildir calls inline (a local filesystem; see maildir-io.ts) or through the thread pool */
+  inlineIo?: boolean;
 }
 
 export interface Deliverer {
@@ -85,11 +88,13 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
   const { bus, bodies, redis, telemetry, hostname } = deps;
   const { log, tracer, metrics } = telemetry;
   const staleTmpMs = Math.max(1000, Math.floor(deps.ackWaitMs / 2));
+  const io = new MaildirIo(deps.inlineIo ?? false);
   const store = new MaildirStore({
     root: deps.maildirRoot,
     fsync: deps.fsync,
     staleTmpMs,
-    syncer: new DirSyncer(),
+    io,
+    syncer: new DirSyncer({ syncDir: (d) => io.syncDir(d) }),
     ...(deps.maxAutoFolders !== undefined ? { maxAutoFolders: deps.maxAutoFolders } : {}),
   });
   const quotas = new QuotaTracker({ cacheMs: deps.quotaCacheMs ?? 5000 });

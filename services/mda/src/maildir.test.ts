@@ -18,6 +18,7 @@ import {
   messageName,
   TmpInUseError,
 } from "./maildir.ts";
+import { chooseIo, MaildirIo } from "./maildir-io.ts";
 
 let dir: TempDir;
 beforeEach(async () => {
@@ -88,7 +89,21 @@ describe("message names", () => {
   });
 });
 
-describe("MaildirStore", () => {
+describe("Maildir system calls", () => {
+  it("go inline on a local filesystem and through the thread pool on any other, unless told", async () => {
+    const local = await chooseIo("auto", dir.path);
+    expect(local.filesystem).not.toMatch(/^0x|unknown/); // the test's temp folder is on a local disk
+    expect(local.inline).toBe(true);
+    expect(await chooseIo("auto", "/proc")).toMatchObject({ inline: false });
+    expect(await chooseIo("threadpool", dir.path)).toMatchObject({ inline: false });
+    expect(await chooseIo("inline", "/proc")).toMatchObject({ inline: true });
+  });
+});
+
+describe.each([
+  ["thread pool", false],
+  ["inline", true],
+])("MaildirStore (calls %s)", (_how, inline) => {
   const store = (
     opts: Partial<{
       staleTmpMs: number;
@@ -96,7 +111,14 @@ describe("MaildirStore", () => {
       maxAutoFolders: number;
       readyCacheSize: number;
     }> = {},
-  ) => new MaildirStore({ root: dir.path, fsync: true, staleTmpMs: 10_000, ...opts });
+  ) =>
+    new MaildirStore({
+      root: dir.path,
+      fsync: true,
+      staleTmpMs: 10_000,
+      io: new MaildirIo(inline),
+      ...opts,
+    });
 
   it("creates tmp/new/cur with mode 0700 and writes 0600 files, header then body byte-exact", async () => {
     const s = store();

@@ -1,19 +1,10 @@
 import { createHash } from "node:crypto";
 import { constants } from "node:fs";
-import {
-  type FileHandle,
-  lstat,
-  mkdir,
-  open,
-  readdir,
-  readFile,
-  rename,
-  stat,
-  unlink,
-} from "node:fs/promises";
+import { lstat, mkdir, open, readdir, readFile, stat, unlink } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import type { Readable } from "node:stream";
 import { parseAddress, queueIdTime } from "@mailpipe/contracts";
+import { MaildirIo } from "./maildir-io.ts";
 
 /**
  * Maildir delivery (https://cr.yp.to/proto/maildir.html, Dovecot's Maildir++ for folders):
@@ -165,13 +156,6 @@ async function fsyncDir(dir: string): Promise<void> {
   }
 }
 
-/** One writev for header and body (one trip to the thread pool); finishes a short write. */
-async function writeAll(fh: FileHandle, buffers: Buffer[]): Promise<void> {
-  const total = buffers.reduce((n, b) => n + b.length, 0);
-  const { bytesWritten } = await fh.writev(buffers);
-  if (bytesWritten < total) await fh.writeFile(Buffer.concat(buffers).subarray(bytesWritten));
-}
-
 interface DirQueue {
   waiting: { resolve: () => void; reject: (err: unknown) => void }[];
   running: boolean;
@@ -238,6 +222,8 @@ export interface MaildirOptions {
   maxAutoFolders?: number;
   /** how many prepared Maildirs and folders are remembered (default 10000) */
   readyCacheSize?: number;
+  /** how the copy's system calls are made (default: through the thread pool) */
+  io?: MaildirIo;
 }
 
 /** The bytes of one copy: the delivery header, then the body from memory or from a stream. */
@@ -262,6 +248,7 @@ export class MaildirStore {
   readonly #fsync: boolean;
   readonly #staleTmpMs: number;
   readonly #syncer: DirSyncer;
+  readonly #io: MaildirIo;
   readonly #maxAutoFolders: number;
   /**
    * folders known to exist with tmp/new/cur, so the common case costs no mkdir; bounded, as every
@@ -275,7 +262,9 @@ export class MaildirStore {
     this.root = opts.root;
     this.#fsync = opts.fsync;
     this.#staleTmpMs = opts.staleTmpMs;
-    this.#syncer = opts.syncer ?? new DirSyncer();
+    const io = opts.io ?? new MaildirIo(false);
+    this.#io = io;
+    this.#syncer = opts.syncer ?? new DirSyncer({ syncDir: (d) => io.syncDir(d) });
     this.#maxAutoFolders = opts.maxAutoFolders ?? 50;
     this.#ready = new LruSet(opts.readyCacheSize ?? 10_000);
   }
@@ -316,12 +305,7 @@ export class MaildirStore {
 
   /** Whether `new/<name>` is there; if so, makes sure its directory entry is on disk. */
   async delivered(dir: string, name: string): Promise<boolean> {
-    try {
-      await stat(join(dir, "new", name));
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === "ENOENT") return false;
-      throw err;
-    }
+    if (!(await this.#io.exists(join(dir, "new", name)))) return false;
     // an earlier attempt may have died between its rename and its directory fsync
     if (this.#fsync) await this.#syncer.sync(join(dir, "new"));
     return true;
@@ -332,41 +316,42 @@ export class MaildirStore {
    * Resolves with the final path once the copy is durable; on failure no file is left in tmp/.
    */
   async write(dir: string, name: string, content: Content): Promise<string> {
+    const io = this.#io;
     const tmp = join(dir, "tmp", name);
     const final = join(dir, "new", name);
-    let fh: FileHandle | undefined;
+    let fd: number | undefined;
     let stream: Readable | undefined;
     let created = false;
     let renamed = false;
     try {
-      fh = await this.#createTmp(dir, tmp);
+      fd = await this.#createTmp(dir, tmp);
       created = true;
       if (typeof content.body === "function") {
-        await fh.writeFile(content.header);
+        await io.writeAll(fd, [content.header]);
         stream = await content.body();
-        await fh.writeFile(stream);
+        for await (const chunk of stream) await io.writeAll(fd, [chunk as Buffer]);
       } else {
-        await writeAll(fh, [content.header, content.body]);
+        await io.writeAll(fd, [content.header, content.body]);
       }
-      if (this.#fsync) await fh.sync();
-      await fh.close();
-      fh = undefined;
-      await rename(tmp, final);
+      if (this.#fsync) await io.sync(fd);
+      const closing = fd;
+      fd = undefined;
+      await io.close(closing);
+      await io.rename(tmp, final);
       renamed = true;
       if (this.#fsync) await this.#syncer.sync(join(dir, "new"));
       return final;
     } finally {
       stream?.destroy();
-      await fh?.close().catch(() => {});
-      if (created && !renamed) await unlink(tmp).catch(() => {});
+      if (fd !== undefined) await io.close(fd).catch(() => {});
+      if (created && !renamed) await io.unlink(tmp).catch(() => {});
     }
   }
 
-  async #createTmp(dir: string, tmp: string): Promise<FileHandle> {
-    const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
+  async #createTmp(dir: string, tmp: string): Promise<number> {
     for (let attempt = 1; ; attempt++) {
       try {
-        return await open(tmp, flags, FILE_MODE);
+        return await this.#io.createExclusive(tmp, FILE_MODE);
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
         if (attempt >= 3) throw err;
@@ -426,7 +411,7 @@ export class MaildirStore {
     if (!first || !this.#fsync) return;
     const top = dirname(first);
     for (let d = dirname(path); ; d = dirname(d)) {
-      await fsyncDir(d);
+      await this.#io.syncDir(d);
       if (d === top || d === dirname(d)) break;
     }
   }

@@ -5,6 +5,7 @@ import { watchDirectory } from "@mailpipe/directory";
 import { runService } from "@mailpipe/service-kit";
 import { config } from "./config.ts";
 import { createDeliverer } from "./deliver.ts";
+import { chooseIo } from "./maildir-io.ts";
 
 // fsync blocks a libuv thread for milliseconds; with the default 4 threads, 32 requests in flight
 // would queue every stat, open and rename behind a few fsyncs. Set before the pool first starts.
@@ -25,12 +26,14 @@ await runService({
       onReload: () => log.info({ file: config.DIRECTORY_FILE }, "directory reloaded"),
       onError: (err) => log.error({ err: err.message }, "directory file rejected; keeping the previous one"),
     });
+    const io = await chooseIo(config.MAILDIR_IO, config.MAILDIR_ROOT);
     const deliverer = createDeliverer({
       maildirRoot: config.MAILDIR_ROOT,
       hostname: config.MAIL_HOSTNAME,
       fsync: config.MDA_FSYNC,
       ackWaitMs: config.MDA_ACK_WAIT,
       maxAutoFolders: config.MDA_MAX_AUTO_FOLDERS,
+      inlineIo: io.inline,
       bus,
       bodies: await bus.bodies(),
       redis,
@@ -43,7 +46,12 @@ await runService({
       ackWaitMs: config.MDA_ACK_WAIT,
     });
     log.info(
-      { maildirRoot: config.MAILDIR_ROOT, concurrency: config.MDA_CONCURRENCY },
+      {
+        maildirRoot: config.MAILDIR_ROOT,
+        concurrency: config.MDA_CONCURRENCY,
+        filesystem: io.filesystem,
+        io: io.inline ? "inline (fsync in the thread pool)" : "thread pool",
+      },
       "delivering to Maildir",
     );
     return async () => {
