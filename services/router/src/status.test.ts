@@ -137,6 +137,12 @@ describe("worker statuses and retries", () => {
     const mail = await peers.queue({ rcptTo: ["one@remote.test"] });
     const first = await peers.waitRemote((q) => q.queueId === mail.queueId, "attempt 1");
     await peers.status(first, "one@remote.test", "deferred", tempFailure);
+    // statuses are handled concurrently: the one that counts is in before the late ones arrive
+    await waitFor(
+      async () =>
+        (await r.metric("bus_messages_handled_total", { consumer: "router-status", outcome: "ack" })) === 1,
+      { message: "the first status handled" },
+    );
     await peers.status(first, "one@remote.test", "deferred", tempFailure);
     await peers.status(first, "one@remote.test", "delivered", replies.delivered());
     await peers.status(first, "one@remote.test", "bounced", replies.noSuchUser());
