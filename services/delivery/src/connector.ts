@@ -29,6 +29,11 @@ export interface Acquired {
   session: SmtpSession;
   key: string;
   reused: boolean;
+  /**
+   * a pooled session taken without a RSET (its last transaction ended moments ago): if it turns
+   * out closed at MAIL, the transaction is tried once more on a new connection
+   */
+  unchecked?: boolean;
   /** set when STARTTLS failed and the session is the plaintext retry */
   tlsFailure?: SmtpFailure;
 }
@@ -60,7 +65,15 @@ function connectFailure(target: Target, err: MxConnectError): SmtpFailure {
 }
 
 /**
- * Sessions to remote addresses: a pooled one when there is one (checked with RSET), else a new
+ * A pooled session whose last transaction ended within this time is used without a RSET first:
+ * a transaction that ended with 250 leaves the session clean (RFC 5321 4.1.1.4), and servers do
+ * not close a session within a second of its last reply. RSET cost a round trip per message.
+ */
+export const FRESH_SESSION_MS = 1000;
+
+/**
+ * Sessions to remote addresses: a pooled one when there is one (checked with RSET unless it was
+ * used within FRESH_SESSION_MS), else a new
  * TCP connection through mx-connect (address policy, connect timeout, and later MTA-STS/DANE)
  * and an SMTP session over it, retried in plaintext when STARTTLS fails and that is allowed.
  */
@@ -84,10 +97,13 @@ export class Connector {
     return `${target.address}|${this.#o.port}|${target.exchange.toLowerCase()}|${this.#tls}`;
   }
 
-  /** Rejects with SmtpFailure. */
-  async acquire(target: Target): Promise<Acquired> {
+  /** Rejects with SmtpFailure. `fresh`: a new connection, not a pooled one. */
+  async acquire(target: Target, opts: { fresh?: boolean } = {}): Promise<Acquired> {
     const key = this.keyOf(target);
-    for (let s = this.pool.take(key); s; s = this.pool.take(key)) {
+    for (let s = opts.fresh ? undefined : this.pool.take(key); s; s = this.pool.take(key)) {
+      if (performance.now() - s.lastUsedAt < FRESH_SESSION_MS) {
+        return { session: s, key, reused: true, unchecked: true };
+      }
       try {
         await s.reset();
         return { session: s, key, reused: true };

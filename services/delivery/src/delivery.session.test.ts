@@ -5,6 +5,7 @@ import type { RemoteDeliveryRequest } from "@mailpipe/contracts";
 import { RemoteDeliveryRequest as RequestSchema, subjects } from "@mailpipe/contracts";
 import { type NatsHandle, startNats } from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { FRESH_SESSION_MS } from "./connector.ts";
 import { startDelivery } from "./service.ts";
 import {
   collectStatuses,
@@ -61,6 +62,60 @@ async function peers(hosts: string[], options?: Parameters<typeof startPeers>[1]
 }
 
 const mailFromLines = (raw: RawServer) => raw.sessions.flat().filter((l) => l.startsWith("MAIL FROM"));
+
+describe("reusing sessions", () => {
+  it("sends the next message on a session it just used without RSET, and RSETs one idle longer than a second", async () => {
+    const raw = await rawSmtpServer("127.0.0.2");
+    cleanups.push(() => raw.stop());
+    await worker(raw.port);
+    const seen = await statuses();
+    const hosts = [mx("mx1.remote.test", 10, "127.0.0.2")];
+    const send = (to: string) =>
+      publishRequest(admin, { domain: "remote.test", hosts, recipients: [to], body: message(to) });
+    await send("a@remote.test");
+    await seen.waitFor(1);
+    await send("b@remote.test");
+    await seen.waitFor(2);
+    await new Promise((r) => setTimeout(r, FRESH_SESSION_MS + 300));
+    await send("c@remote.test");
+    const all = await seen.waitFor(3);
+    expect(all.map((s) => s.status.outcome)).toEqual(["delivered", "delivered", "delivered"]);
+    expect(raw.sessions).toHaveLength(1);
+    const commands = raw.sessions[0]!.map((l) => l.split(/[ :]/)[0]);
+    // a, then b straight away, then c after a RSET
+    expect(commands.filter((c) => c === "MAIL")).toHaveLength(3);
+    expect(commands.filter((c) => c === "RSET")).toHaveLength(1);
+    expect(commands.lastIndexOf("RSET")).toBeGreaterThan(
+      commands.indexOf("MAIL", commands.indexOf("MAIL") + 1),
+    );
+  });
+
+  it("sends the message on a new connection when the reused session turns out closed at MAIL", async () => {
+    const raw = await rawSmtpServer("127.0.0.2", { closeAfterMessages: 1 });
+    cleanups.push(() => raw.stop());
+    await worker(raw.port);
+    const seen = await statuses();
+    const hosts = [mx("mx1.remote.test", 10, "127.0.0.2")];
+    await publishRequest(admin, {
+      domain: "remote.test",
+      hosts,
+      recipients: ["a@remote.test"],
+      body: message("1"),
+    });
+    await seen.waitFor(1);
+    await publishRequest(admin, {
+      domain: "remote.test",
+      hosts,
+      recipients: ["b@remote.test"],
+      body: message("2"),
+    });
+    const [, second] = await seen.waitFor(2);
+    // the closed session cost nothing: delivered on the first attempt, over a second connection
+    expect(second!.status).toMatchObject({ recipient: "b@remote.test", outcome: "delivered", attempt: 1 });
+    expect(raw.messages).toHaveLength(2);
+    expect(raw.sessions.length).toBeGreaterThanOrEqual(2);
+  });
+});
 
 describe("the SMTP dialogue", () => {
   it("adds BODY=8BITMIME and SMTPUTF8 only when the message needs them and the server offers them", async () => {

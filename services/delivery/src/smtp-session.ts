@@ -193,6 +193,8 @@ export class SmtpSession {
   readonly exchange: string;
   /** transactions completed on this session */
   messages = 0;
+  /** when the last transaction ended (ms, performance.now); 0 before the first */
+  lastUsedAt = 0;
   readonly #conn: SMTPConnection;
   readonly #internals: Internals;
   readonly #timeouts: SessionTimeouts;
@@ -305,6 +307,7 @@ export class SmtpSession {
             return;
           }
           this.messages++;
+          this.lastUsedAt = performance.now();
           this.#enter("idle", this.#timeouts.commandMs);
           resolve({
             accepted: info.accepted,

@@ -195,6 +195,11 @@ export interface RawServerOptions {
   extensions?: string[];
   /** wait this long before answering the end of data */
   dataReplyDelayMs?: number;
+  /**
+   * after this many messages on one session, answer the next command `421` and close, as a server
+   * does when it ends a session the client thought it could reuse
+   */
+  closeAfterMessages?: number;
   port?: number;
 }
 
@@ -215,6 +220,7 @@ export async function rawSmtpServer(host: string, options: RawServerOptions = {}
     sessions.push(lines);
     let buffer = "";
     let data: string | undefined;
+    let accepted = 0;
     socket.write("220 raw.test ESMTP\r\n");
     socket.on("data", (chunk) => {
       buffer += chunk.toString("utf8");
@@ -225,6 +231,7 @@ export async function rawSmtpServer(host: string, options: RawServerOptions = {}
           if (line === ".") {
             messages.push(data);
             data = undefined;
+            accepted++;
             const answer = () => socket.writable && socket.write("250 2.0.0 Ok\r\n");
             if (options.dataReplyDelayMs) setTimeout(answer, options.dataReplyDelayMs);
             else answer();
@@ -233,6 +240,11 @@ export async function rawSmtpServer(host: string, options: RawServerOptions = {}
         }
         lines.push(line);
         const verb = line.slice(0, 4).toUpperCase();
+        if (options.closeAfterMessages !== undefined && accepted >= options.closeAfterMessages) {
+          socket.end("421 4.4.2 raw.test closing this session\r\n");
+          buffer = "";
+          break;
+        }
         if (verb === "EHLO") {
           const all = ["raw.test", ...extensions];
           socket.write(all.map((l, n) => `250${n === all.length - 1 ? " " : "-"}${l}\r\n`).join(""));

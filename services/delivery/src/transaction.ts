@@ -121,9 +121,28 @@ async function attempt(
   deps: TransactionDeps,
   span: Span,
 ): Promise<AttemptResult> {
+  const first = await attemptOnce(request, host, target, remoteMta, needsSmtpUtf8, deps, span, false);
+  if (first.kind === "failed" && first.uncheckedSessionGone) {
+    // a pooled session taken without RSET had been closed: nothing was sent, try a new connection
+    span.addEvent("smtp.session.closed_while_pooled");
+    return attemptOnce(request, host, target, remoteMta, needsSmtpUtf8, deps, span, true);
+  }
+  return first;
+}
+
+async function attemptOnce(
+  request: RemoteDeliveryRequest,
+  host: MxHost,
+  target: Target,
+  remoteMta: string,
+  needsSmtpUtf8: boolean,
+  deps: TransactionDeps,
+  span: Span,
+  fresh: boolean,
+): Promise<AttemptResult & { uncheckedSessionGone?: boolean }> {
   let acquired: Acquired;
   try {
-    acquired = await deps.connector.acquire(target);
+    acquired = await deps.connector.acquire(target, { fresh });
   } catch (err) {
     const failure = asFailure(err);
     markFailed(span, failure);
@@ -182,6 +201,14 @@ async function attempt(
       setReply(span, failure.reply);
       return { kind: "done", results };
     }
+    // the session closed under us before MAIL was answered (a lost connection, or the 421 a
+    // server sends as it closes an idle session): no recipient can have been accepted
+    const gone =
+      acquired.unchecked === true &&
+      failure.stage === "MAIL" &&
+      failure.accepted.length === 0 &&
+      (failure.kind === "lost" || (failure.kind === "reply" && failure.reply.code === 421));
+    if (gone) return { kind: "failed", failure, permanent: false, uncheckedSessionGone: true };
     markFailed(span, failure);
     return {
       kind: "failed",
