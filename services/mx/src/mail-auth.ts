@@ -72,7 +72,14 @@ export async function authenticateMessage(
   who: ClientIdentity,
   opts: { mta: string; resolver: MailauthResolver },
 ): Promise<AuthOutcome> {
-  const result: AuthenticateResult = await authenticate(Readable.from(chunks, { objectMode: false }), {
+  // one buffer for mailauth to take in a single write (a stream of the intake's many small chunks
+  // cost more than the checks); a large message is streamed rather than copied whole once more
+  const size = chunks.reduce((n, c) => n + c.length, 0);
+  const input =
+    size <= 1024 * 1024
+      ? Buffer.concat(chunks as Buffer[], size)
+      : Readable.from(chunks, { objectMode: false });
+  const result: AuthenticateResult = await authenticate(input, {
     ip: who.ip,
     helo: who.helo || who.ip,
     sender: who.sender,
