@@ -132,6 +132,22 @@ describe("bus", () => {
     expect(info.state.messages).toBe(1);
   });
 
+  it("fails a publish no stream takes at once, and one nothing acknowledges after its timeout", async () => {
+    const bus = await connect("router");
+    open.push(bus);
+    const msg = request();
+    // the server answers "no responders": the error says so (a timeout would read differently)
+    await expect(
+      bus.publish("nobody.listens.here", LocalSchema, msg, { msgId: msg.dispatchId, timeoutMs: 5000 }),
+    ).rejects.toThrow(/publishing to nobody.listens.here failed: no JetStream stream takes this subject/);
+    // a plain subscriber takes the message but never acknowledges it like a stream would
+    const silent = bus.nc.subscribe("silent.subject");
+    await expect(
+      bus.publish("silent.subject", LocalSchema, msg, { msgId: msg.dispatchId, timeoutMs: 300 }),
+    ).rejects.toThrow(/did not acknowledge the publish in time/);
+    silent.unsubscribe();
+  });
+
   it("refuses to publish a message that breaks its contract", async () => {
     const bus = await connect("router");
     open.push(bus);

@@ -25,6 +25,7 @@ import type { z } from "zod";
 import { BodyStore } from "./body-store.ts";
 import { BusConnectError, BusError, describeConnectError } from "./errors.ts";
 import { ATTACHMENT_OFFSET, natsHeaderGetter, natsHeaderSetter, splitPayload } from "./headers.ts";
+import { JsPublisher } from "./js-publisher.ts";
 import { defaultTopologySettings, ensureConsumer, ensureStream, type TopologySettings } from "./topology.ts";
 
 export interface BusOptions {
@@ -118,6 +119,7 @@ export class Bus {
   >();
   #bodies: BodyStore | undefined;
   #connected = true;
+  readonly #publisher: JsPublisher;
 
   private constructor(nc: NatsConnection, jsm: JetStreamManager, opts: BusOptions) {
     this.nc = nc;
@@ -126,6 +128,7 @@ export class Bus {
     this.settings = { ...defaultTopologySettings, ...opts.topology };
     this.#telemetry = opts.telemetry;
     this.#publishTimeoutMs = opts.publishTimeoutMs ?? 5000;
+    this.#publisher = new JsPublisher(nc);
     void this.#watchStatus();
   }
 
@@ -238,11 +241,13 @@ export class Bus {
       payload = Buffer.concat([json, ...parts]);
     }
     try {
-      const ack = await this.js.publish(subject, payload, {
-        msgID: opts.msgId,
-        headers: h,
-        timeout: opts.timeoutMs ?? this.#publishTimeoutMs,
-      });
+      h.set("Nats-Msg-Id", opts.msgId);
+      const ack = await this.#publisher.publish(
+        subject,
+        payload,
+        h,
+        opts.timeoutMs ?? this.#publishTimeoutMs,
+      );
       if (ack.duplicate) span.setAttribute("messaging.nats.duplicate", true);
       return ack;
     } catch (err) {
@@ -530,6 +535,7 @@ export class Bus {
   /** Stops consumers (waiting for their handlers), then drains and closes the connection. */
   async close(): Promise<void> {
     await Promise.all([...this.#subs].map((s) => s.stop()));
+    this.#publisher.close();
     if (!this.nc.isClosed()) await this.nc.drain().catch(() => this.nc.close());
   }
 }
