@@ -5,8 +5,8 @@ import { replies, SmtpError } from "@mailpipe/contracts";
 import { SMTPServer } from "smtp-server";
 import { SMTPConnection } from "smtp-server/lib/smtp-connection.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { RawSmtp } from "../test/raw-smtp.ts";
 import { installSmtpServerPatches, leadingEnhancedCode, unpatched } from "./patches.ts";
-import { RawSmtp } from "./testing.ts";
 
 // These tests pin the smtp-server behaviour the patches rely on. When one fails after an upgrade,
 // read the new smtp-connection.js (send, _getEnhancedStatusCode, _parseAddressCommand) and adapt.
