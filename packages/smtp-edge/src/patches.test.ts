@@ -69,6 +69,31 @@ describe("smtp-server pin", () => {
       address: "user@example.test",
     });
   });
+
+  it("has no option that replaces a patch yet (docs/upstream/smtp-server-*.md propose them)", () => {
+    const parse = unpatched.parseAddress!;
+    // lenientAddressParsing relaxes local-part checks but still splits the address on every "@"
+    const lenient = {
+      _server: { options: { lenientAddressParsing: true }, logger: { error() {} } },
+      session: {},
+    };
+    expect(parse.call(lenient, "rcpt to", 'RCPT TO:<"user@other.test"@example.test>')).toBe(false);
+    // writing a reply emits nothing a listener could count (the send patch reports replies itself)
+    const proto = SMTPConnection.prototype as unknown as Record<string, unknown>;
+    const emitted: unknown[] = [];
+    const fake = {
+      _server: { options: { hideENHANCEDSTATUSCODES: false }, logger: { debug() {} } },
+      session: {},
+      _useEnhancedStatusCodes: proto._useEnhancedStatusCodes,
+      _getEnhancedStatusCode: proto._getEnhancedStatusCode,
+      emit: (...args: unknown[]) => emitted.push(args),
+      close() {},
+    };
+    unpatched.send!.call(fake as unknown as SMTPConnection, 550, "5.7.1 Relay access denied");
+    expect(emitted).toEqual([]);
+    // and an error's own enhanced code is not a reply parameter: send takes (code, text, context)
+    expect(unpatched.send!.length).toBe(3);
+  });
 });
 
 describe("enhanced status code patch", () => {
