@@ -2,7 +2,12 @@ import { defineConfig } from "vitest/config";
 
 export default defineConfig({
   test: {
-    include: ["packages/*/src/**/*.test.ts", "services/*/src/**/*.test.ts", "tests/**/*.test.ts"],
+    // tests sit beside the code they test (src/*.test.ts); their support code lives in test/
+    include: [
+      "packages/*/{src,test}/**/*.test.ts",
+      "services/*/{src,test}/**/*.test.ts",
+      "tests/**/*.test.ts",
+    ],
     pool: "forks",
     // two cores: end-to-end files start many processes each, so run at most two files at once
     maxWorkers: 2,

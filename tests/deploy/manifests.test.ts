@@ -793,4 +793,51 @@ describe("deploy/Dockerfile", () => {
     for (const entry of ["**/node_modules", "**/.data", ".git", "**/coverage", "deploy/compose"])
       expect(ignore).toContain(entry);
   });
+
+  it("leaves test support, benchmarks and the test kit's code out of the sources it copies", () => {
+    const ignore = readFileSync(join(root, "deploy", "Dockerfile.dockerignore"), "utf8")
+      .split("\n")
+      .map((l) => l.trim())
+      .filter((l) => l !== "" && !l.startsWith("#"));
+    expect(
+      ignore.some((l) => l.startsWith("!")),
+      "re-includes are not handled here",
+    ).toBe(false);
+    // Docker's matching: `*` within one path segment, `**` any number of segments; a pattern that
+    // matches a directory excludes everything below it.
+    const patterns = ignore.map(
+      (l) =>
+        new RegExp(
+          `^${l
+            .replace(/^\/+|\/+$/g, "")
+            .split("/")
+            .map((seg) =>
+              seg === "**"
+                ? "(?:[^/]+/)*?"
+                : `${seg.replace(/[.+?^${}()|[\]\\]/g, "\\$&").replaceAll("*", "[^/]*")}/`,
+            )
+            .join("")
+            .replace(/\/$/, "")}(?:/.*)?$`,
+        ),
+    );
+    const ignored = (path: string) => patterns.some((p) => p.test(path));
+    expect(ignored("services/mx/test/harness.ts")).toBe(true);
+    expect(ignored("services/mx/src/mx.ts")).toBe(false);
+
+    const sources = [...dockerfile.matchAll(/^COPY (?!--)(\S+) \S+$/gm)].map((m) => m[1]!);
+    expect(sources).toEqual(expect.arrayContaining(["packages", "services"]));
+    const walk = (dir: string): string[] =>
+      readdirSync(join(root, dir), { withFileTypes: true }).flatMap((e) =>
+        ignored(`${dir}/${e.name}`) ? [] : e.isDirectory() ? walk(`${dir}/${e.name}`) : [`${dir}/${e.name}`],
+      );
+    const copied = ["packages", "services"].flatMap(walk);
+    expect(copied).toContain("services/mx/src/main.ts");
+    expect(copied).toContain("packages/testing/package.json"); // the frozen install needs it
+    const testSupport = copied.filter(
+      (f) =>
+        /\.test\.ts$|\.fixture\.ts$|^[^/]+\/[^/]+\/(?:test|bench|scripts)\//.test(f) ||
+        (f.startsWith("packages/testing/") && f !== "packages/testing/package.json"),
+    );
+    expect(testSupport).toEqual([]);
+  });
 });

@@ -1,10 +1,10 @@
 import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { tempDir, testHash } from "../test/helpers.ts";
 import { developmentDirectory, generateDkimKey } from "./dev.ts";
 import { Directory, MAX_ALIAS_DEPTH } from "./directory.ts";
 import { DirectoryError } from "./errors.ts";
-import { tempDir, testHash } from "./test-helpers.ts";
 
 function errorOf(fn: () => unknown): DirectoryError {
   try {

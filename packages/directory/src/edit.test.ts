@@ -1,11 +1,11 @@
 import { chmod, readdir, readFile, stat, symlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { tempDir, testHash } from "../test/helpers.ts";
 import { generateDkimKey } from "./dev.ts";
 import { Directory } from "./directory.ts";
 import { addDomain, removeUser, setDkim, setUser } from "./edit.ts";
 import { DirectoryError } from "./errors.ts";
-import { tempDir, testHash } from "./test-helpers.ts";
 
 const original = `# Directory for the test site
 # (comments must survive edits)

@@ -1,8 +1,8 @@
 import type * as crypto from "node:crypto";
 import { beforeEach, describe, expect, it, vi } from "vitest";
+import { testHash } from "../test/helpers.ts";
 import { Directory } from "./directory.ts";
 import { DEFAULT_SCRYPT, hashPassword, verifyHash } from "./password.ts";
-import { testHash } from "./test-helpers.ts";
 
 // count the scrypt runs (and their cost) while still running the real function
 const runs: { N: number | undefined }[] = [];

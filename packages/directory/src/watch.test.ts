@@ -1,10 +1,10 @@
 import { mkdir, rename, symlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { tempDir, waitFor } from "../test/helpers.ts";
 import { generateDkimKey } from "./dev.ts";
 import type { Directory } from "./directory.ts";
 import { DirectoryError } from "./errors.ts";
-import { tempDir, waitFor } from "./test-helpers.ts";
 import { type DirectoryWatcher, watchDirectory } from "./watch.ts";
 
 const yamlWith = (...users: string[]) =>

@@ -10,7 +10,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { z } from "zod";
 import { baseConfig, ConfigError, duration, parseConfig, redactConfig } from "./index.ts";
 
-const fixture = fileURLToPath(new URL("./fixtures/slow-service.ts", import.meta.url));
+const fixture = fileURLToPath(new URL("../test/fixtures/slow-service.ts", import.meta.url));
 const cleanups: (() => Promise<unknown>)[] = [];
 afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c().catch(() => {});

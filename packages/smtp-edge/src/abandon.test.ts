@@ -7,9 +7,9 @@ import type { BodyStore } from "@mailpipe/bus";
 import { newQueueId } from "@mailpipe/contracts";
 import { type NatsHandle, startNats, waitFor } from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { type EdgeHarness, type HarnessOptions, openData, startEdge } from "../test/harness.ts";
+import type { RawSmtp } from "../test/raw-smtp.ts";
 import { ATTACH_MAX, acceptMessage } from "./accept.ts";
-import { type EdgeHarness, type HarnessOptions, openData, startEdge } from "./edge.fixture.ts";
-import type { RawSmtp } from "./testing.ts";
 
 let nats: NatsHandle;
 const open: EdgeHarness[] = [];

@@ -2,8 +2,8 @@ import { type MailEvent, newQueueId, replies, SmtpError, subjects } from "@mailp
 import { SpanKind } from "@mailpipe/telemetry";
 import { type NatsHandle, startNats, waitFor } from "@mailpipe/testing";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type EdgeHarness, openData, startEdge } from "../test/harness.ts";
 import { ATTACH_MAX, acceptMessage } from "./accept.ts";
-import { type EdgeHarness, openData, startEdge } from "./edge.fixture.ts";
 
 let nats: NatsHandle;
 let h: EdgeHarness;

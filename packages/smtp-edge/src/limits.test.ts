@@ -1,7 +1,7 @@
 import { type NatsHandle, startNats, waitFor } from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { type EdgeHarness, type HarnessOptions, openData, startEdge } from "./edge.fixture.ts";
-import { RawSmtp } from "./testing.ts";
+import { type EdgeHarness, type HarnessOptions, openData, startEdge } from "../test/harness.ts";
+import { RawSmtp } from "../test/raw-smtp.ts";
 
 let nats: NatsHandle;
 const open: EdgeHarness[] = [];

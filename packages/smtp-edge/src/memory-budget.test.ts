@@ -2,11 +2,11 @@ import { parseConfig } from "@mailpipe/service-kit";
 import { type NatsHandle, startNats, waitFor } from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { z } from "zod";
+import { type EdgeHarness, type HarnessOptions, openData, startEdge } from "../test/harness.ts";
+import type { RawSmtp } from "../test/raw-smtp.ts";
 import { edgeConfig, edgeLimits } from "./config.ts";
-import { type EdgeHarness, type HarnessOptions, openData, startEdge } from "./edge.fixture.ts";
 import { MemoryBudget } from "./memory-budget.ts";
 import { createSmtpEdge } from "./server.ts";
-import type { RawSmtp } from "./testing.ts";
 
 let nats: NatsHandle;
 const open: EdgeHarness[] = [];

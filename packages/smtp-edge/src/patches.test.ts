@@ -5,8 +5,8 @@ import { replies, SmtpError } from "@mailpipe/contracts";
 import { SMTPServer } from "smtp-server";
 import { SMTPConnection } from "smtp-server/lib/smtp-connection.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { RawSmtp } from "../test/raw-smtp.ts";
 import { installSmtpServerPatches, leadingEnhancedCode, unpatched } from "./patches.ts";
-import { RawSmtp } from "./testing.ts";
 
 // These tests pin the smtp-server behaviour the patches rely on. When one fails after an upgrade,
 // read the new smtp-connection.js (send, _getEnhancedStatusCode, _parseAddressCommand) and adapt.
@@ -68,6 +68,31 @@ describe("smtp-server pin", () => {
     expect(parse.call(fake, "rcpt to", "RCPT TO:<user@example.test>")).toMatchObject({
       address: "user@example.test",
     });
+  });
+
+  it("has no option that replaces a patch yet (docs/upstream/smtp-server-*.md propose them)", () => {
+    const parse = unpatched.parseAddress!;
+    // lenientAddressParsing relaxes local-part checks but still splits the address on every "@"
+    const lenient = {
+      _server: { options: { lenientAddressParsing: true }, logger: { error() {} } },
+      session: {},
+    };
+    expect(parse.call(lenient, "rcpt to", 'RCPT TO:<"user@other.test"@example.test>')).toBe(false);
+    // writing a reply emits nothing a listener could count (the send patch reports replies itself)
+    const proto = SMTPConnection.prototype as unknown as Record<string, unknown>;
+    const emitted: unknown[] = [];
+    const fake = {
+      _server: { options: { hideENHANCEDSTATUSCODES: false }, logger: { debug() {} } },
+      session: {},
+      _useEnhancedStatusCodes: proto._useEnhancedStatusCodes,
+      _getEnhancedStatusCode: proto._getEnhancedStatusCode,
+      emit: (...args: unknown[]) => emitted.push(args),
+      close() {},
+    };
+    unpatched.send!.call(fake as unknown as SMTPConnection, 550, "5.7.1 Relay access denied");
+    expect(emitted).toEqual([]);
+    // and an error's own enhanced code is not a reply parameter: send takes (code, text, context)
+    expect(unpatched.send!.length).toBe(3);
   });
 });
 

@@ -2,6 +2,9 @@
  * Two small, targeted patches of smtp-server 3.21.x (pinned in package.json; patches.test.ts fails
  * when an upgrade changes the behaviour they rely on):
  *
+ * smtp-server has no supported option for either; the upstream pull requests are written up in
+ * docs/upstream/smtp-server-{enhanced-status-codes,reply-event,quoted-local-part}.md.
+ *
  * 1. Enhanced status codes. smtp-server derives the enhanced code from the basic one (550 is always
  *    5.1.1), so a hook refusing with "550 relay denied" would go out as `550 5.1.1`. Our SmtpError
  *    puts the right code at the start of its message ("5.7.1 Relay access denied"); when enhanced

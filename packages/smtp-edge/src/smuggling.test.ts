@@ -1,6 +1,6 @@
 import { type NatsHandle, startNats, waitFor } from "@mailpipe/testing";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type EdgeHarness, openData, startEdge } from "./edge.fixture.ts";
+import { type EdgeHarness, openData, startEdge } from "../test/harness.ts";
 
 // SMTP smuggling (CVE-2023-51764/5/6): a client ends DATA with a bare-LF or bare-CR lookalike of
 // <CRLF>.<CRLF> and hopes a server treats it as the end, so the "smuggled" MAIL/RCPT/DATA after it

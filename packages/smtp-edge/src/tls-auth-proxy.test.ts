@@ -11,8 +11,8 @@ import {
   waitFor,
 } from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { type EdgeHarness, type HarnessOptions, startEdge } from "./edge.fixture.ts";
-import type { RawSmtp } from "./testing.ts";
+import { type EdgeHarness, type HarnessOptions, startEdge } from "../test/harness.ts";
+import type { RawSmtp } from "../test/raw-smtp.ts";
 
 let nats: NatsHandle;
 let dir: TempDir;

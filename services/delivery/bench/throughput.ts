@@ -10,7 +10,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import type { Bus } from "@mailpipe/bus";
 import { freePort, type SmtpPeer, startNats, startService, startSmtpPeer } from "@mailpipe/testing";
-import { collectStatuses, connectBus, message, mx, publishRequest, resetBus } from "../src/test-helpers.ts";
+import { collectStatuses, connectBus, message, mx, publishRequest, resetBus } from "../test/helpers.ts";
 
 const { values } = parseArgs({
   options: {

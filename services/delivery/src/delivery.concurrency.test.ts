@@ -3,7 +3,6 @@
 import type { Bus } from "@mailpipe/bus";
 import { type NatsHandle, startNats } from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { startDelivery } from "./service.ts";
 import {
   collectStatuses,
   connectBus,
@@ -14,7 +13,8 @@ import {
   resetBus,
   startPeers,
   testConfig,
-} from "./test-helpers.ts";
+} from "../test/helpers.ts";
+import { startDelivery } from "./service.ts";
 
 let nats: NatsHandle;
 let admin: Bus;

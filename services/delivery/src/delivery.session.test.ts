@@ -5,8 +5,6 @@ import type { RemoteDeliveryRequest } from "@mailpipe/contracts";
 import { RemoteDeliveryRequest as RequestSchema, subjects } from "@mailpipe/contracts";
 import { type NatsHandle, startNats } from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { FRESH_SESSION_MS } from "./connector.ts";
-import { startDelivery } from "./service.ts";
 import {
   collectStatuses,
   connectBus,
@@ -19,7 +17,9 @@ import {
   resetBus,
   startPeers,
   testConfig,
-} from "./test-helpers.ts";
+} from "../test/helpers.ts";
+import { FRESH_SESSION_MS } from "./connector.ts";
+import { startDelivery } from "./service.ts";
 
 let nats: NatsHandle;
 let admin: Bus;

@@ -2,8 +2,6 @@ import type { Bus } from "@mailpipe/bus";
 import { InMemorySpanExporter, type Telemetry } from "@mailpipe/telemetry";
 import { type NatsHandle, sequence, startNats } from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import type { Config } from "./config.ts";
-import { type RunningDelivery, startDelivery } from "./service.ts";
 import {
   collectStatuses,
   connectBus,
@@ -14,7 +12,9 @@ import {
   resetBus,
   startPeers,
   testConfig,
-} from "./test-helpers.ts";
+} from "../test/helpers.ts";
+import type { Config } from "./config.ts";
+import { type RunningDelivery, startDelivery } from "./service.ts";
 import { createWorker } from "./worker.ts";
 
 let nats: NatsHandle;

@@ -17,7 +17,7 @@ import {
   publishRequest,
   resetBus,
   startPeers,
-} from "./test-helpers.ts";
+} from "../test/helpers.ts";
 
 let nats: NatsHandle;
 let admin: Bus;

@@ -2,7 +2,7 @@
 import type { Bus } from "@mailpipe/bus";
 import { type NatsHandle, startNats, startService, waitFor } from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { collectStatuses, connectBus, message, mx, publishRequest, rawSmtpServer } from "./test-helpers.ts";
+import { collectStatuses, connectBus, message, mx, publishRequest, rawSmtpServer } from "../test/helpers.ts";
 
 let nats: NatsHandle;
 let admin: Bus;

@@ -4,7 +4,7 @@
 //   node services/msa/scripts/bench-submit.ts [messages=2000] [connections=10]
 import { freePort, startService } from "@mailpipe/testing";
 import nodemailer from "nodemailer";
-import { PASSWORDS, startInfra } from "../src/msa.fixture.ts";
+import { PASSWORDS, startInfra } from "../test/harness.ts";
 
 const messages = Number(process.argv[2] ?? 2000);
 const connections = Number(process.argv[3] ?? 10);

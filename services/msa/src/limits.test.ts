@@ -10,7 +10,7 @@ import {
   queueIdOf,
   startInfra,
   startInProcess,
-} from "./msa.fixture.ts";
+} from "../test/harness.ts";
 
 let infra: Infra;
 let msa: InProcessMsa;

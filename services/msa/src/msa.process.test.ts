@@ -1,7 +1,7 @@
 import { RawSmtp } from "@mailpipe/smtp-edge/testing";
 import { freePort, type ServiceHandle, startService, waitFor } from "@mailpipe/testing";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type Infra, PASSWORDS, published, queueIdOf, startInfra } from "./msa.fixture.ts";
+import { type Infra, PASSWORDS, published, queueIdOf, startInfra } from "../test/harness.ts";
 
 let infra: Infra;
 const replicas: ServiceHandle[] = [];

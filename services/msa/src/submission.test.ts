@@ -13,7 +13,7 @@ import {
   queueIdOf,
   startInfra,
   startInProcess,
-} from "./msa.fixture.ts";
+} from "../test/harness.ts";
 
 let infra: Infra;
 let msa: InProcessMsa;

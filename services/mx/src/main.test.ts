@@ -5,7 +5,7 @@ import { RawSmtp } from "@mailpipe/smtp-edge/testing";
 import { createTelemetry } from "@mailpipe/telemetry";
 import { freePort, type ServiceHandle, startService, waitFor } from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { type MxEnvironment, queueIdOf, startEnvironment } from "./mx.fixture.ts";
+import { type MxEnvironment, queueIdOf, startEnvironment } from "../test/harness.ts";
 
 let e: MxEnvironment;
 let bus: Bus;

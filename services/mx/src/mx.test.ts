@@ -10,7 +10,7 @@ import {
   queueIdOf,
   startEnvironment,
   startInProcess,
-} from "./mx.fixture.ts";
+} from "../test/harness.ts";
 
 let e: MxEnvironment;
 let mx: InProcessMx;

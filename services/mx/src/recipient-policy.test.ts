@@ -1,6 +1,6 @@
 import { Directory } from "@mailpipe/directory";
 import { describe, expect, it } from "vitest";
-import { DIRECTORY } from "./mx.fixture.ts";
+import { DIRECTORY } from "../test/harness.ts";
 import { checkRecipient } from "./recipient-policy.ts";
 
 const dir = Directory.fromYaml(DIRECTORY);

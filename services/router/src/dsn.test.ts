@@ -2,8 +2,8 @@ import { Readable } from "node:stream";
 import { reply } from "@mailpipe/contracts";
 import { simpleParser } from "mailparser";
 import { describe, expect, it } from "vitest";
+import { parseDeliveryStatus } from "../test/harness.ts";
 import { buildDsn, type DsnInput, dsnStatus, foldField, readHeaderBlock } from "./dsn.ts";
-import { parseDeliveryStatus } from "./test-harness.ts";
 
 const base: DsnInput = {
   kind: "failure",

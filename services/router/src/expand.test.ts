@@ -1,7 +1,7 @@
 import { Directory } from "@mailpipe/directory";
 import { describe, expect, it } from "vitest";
+import { DIRECTORY_YAML } from "../test/harness.ts";
 import { expandRecipients } from "./expand.ts";
-import { DIRECTORY_YAML } from "./test-harness.ts";
 
 const dir = Directory.fromYaml(DIRECTORY_YAML);
 const now = Date.parse("2025-03-04T09:00:00Z");

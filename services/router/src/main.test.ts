@@ -1,7 +1,13 @@
 import { reply } from "@mailpipe/contracts";
 import { type ServiceHandle, startService, waitFor } from "@mailpipe/testing";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type Environment, MAIL_HOSTNAME, type Peers, startEnvironment, startPeers } from "./test-harness.ts";
+import {
+  type Environment,
+  MAIL_HOSTNAME,
+  type Peers,
+  startEnvironment,
+  startPeers,
+} from "../test/harness.ts";
 
 let env: Environment;
 let peers: Peers;

@@ -12,7 +12,7 @@ import {
   startPeers,
   startTestRouter,
   type TestRouter,
-} from "./test-harness.ts";
+} from "../test/harness.ts";
 
 let env: Environment;
 let router: TestRouter;

@@ -22,7 +22,7 @@ import {
   startPeers,
   startTestRouter,
   type TestRouter,
-} from "./test-harness.ts";
+} from "../test/harness.ts";
 
 let env: Environment;
 let peers: Peers;

@@ -4,15 +4,15 @@ import { Writable } from "node:stream";
 import { Bus, type Subscription } from "@mailpipe/bus";
 import { type QueuedMail, QueuedMail as QueuedMailSchema, topology } from "@mailpipe/contracts";
 import { createTelemetry, InMemorySpanExporter, type Telemetry } from "@mailpipe/telemetry";
-import type { IncomingMessage } from "./intake.ts";
+import type { IncomingMessage } from "../src/intake.ts";
 import {
   createSmtpEdge,
   type EdgeHooks,
   type SmtpEdge,
   type SmtpEdgeOptions,
   type Transaction,
-} from "./server.ts";
-import { type RawConnectOptions, RawSmtp } from "./testing.ts";
+} from "../src/server.ts";
+import { type RawConnectOptions, RawSmtp } from "./raw-smtp.ts";
 
 export interface EdgeHarness {
   edge: SmtpEdge;

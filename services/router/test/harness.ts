@@ -35,8 +35,8 @@ import {
   waitFor,
 } from "@mailpipe/testing";
 import { Redis } from "ioredis";
-import { config as configSchema } from "./config.ts";
-import { type Router, startRouter } from "./router.ts";
+import { config as configSchema } from "../src/config.ts";
+import { type Router, startRouter } from "../src/router.ts";
 
 export const DIRECTORY_YAML = `
 domains:

@@ -1,7 +1,7 @@
 // Rough throughput of mx alone: messages/s accepted and published (stored + JetStream-acked) for
 // 2 KB messages over reused connections. Not a test; run it by hand:
 //
-//   node services/mx/src/bench/throughput.ts [--messages 5000] [--sessions 50] [--size 2048] [--profile]
+//   node services/mx/bench/throughput.ts [--messages 5000] [--sessions 50] [--size 2048] [--profile]
 //
 // Load comes from Postfix's smtp-source (`apt-get install postfix`, "No configuration") with -d so
 // connections are reused (smtp-server holds each new connection 100 ms before its greeting); mx runs

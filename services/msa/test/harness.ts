@@ -24,8 +24,8 @@ import {
 } from "@mailpipe/testing";
 import { Redis } from "ioredis";
 import type { DNSResolver } from "mailauth";
-import { type MsaConfig, msaConfig } from "./config.ts";
-import { type Msa, startMsa } from "./msa.ts";
+import { type MsaConfig, msaConfig } from "../src/config.ts";
+import { type Msa, startMsa } from "../src/msa.ts";
 
 export const PASSWORDS = {
   "alice@example.test": "alice-secret-1",

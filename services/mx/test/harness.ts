@@ -18,8 +18,8 @@ import {
   tempDir,
   waitFor,
 } from "@mailpipe/testing";
-import { mxConfig } from "./config.ts";
-import { type Mx, startMx } from "./mx.ts";
+import { mxConfig } from "../src/config.ts";
+import { type Mx, startMx } from "../src/mx.ts";
 
 export const DIRECTORY = `domains:
   example.test:

@@ -14,8 +14,8 @@ import {
 import { parseConfig } from "@mailpipe/service-kit";
 import { createTelemetry, type InMemorySpanExporter, type Telemetry } from "@mailpipe/telemetry";
 import { freePort, type SmtpPeer, type StartSmtpPeerOptions, startSmtpPeer } from "@mailpipe/testing";
-import { type Config, config as configSchema } from "./config.ts";
-import { WORKER_HEADER } from "./worker.ts";
+import { type Config, config as configSchema } from "../src/config.ts";
+import { WORKER_HEADER } from "../src/worker.ts";
 
 export function quietTelemetry(exporter?: InMemorySpanExporter): Telemetry {
   const sink = new Writable({ write: (_c, _e, cb) => cb() });
