@@ -25,14 +25,44 @@ export interface LoggerOptions {
   destination?: DestinationStream;
 }
 
+/** Info lines wait at most this long in the buffer (warnings and errors are written at once). */
+export const LOG_FLUSH_MS = 200;
+
+/**
+ * Standard output, written in blocks: a write per line was a system call per line, five per
+ * message at the default level (a tenth of the pipeline's CPU). Lines are kept until 4 KiB are
+ * waiting or LOG_FLUSH_MS has passed; a warning or an error flushes at once, and so does the
+ * process's exit (a crash included). A SIGKILL loses at most the last LOG_FLUSH_MS of info lines.
+ */
+function bufferedStdout(): pino.DestinationStream & { flushSync(): void } {
+  const dest = pino.destination({ dest: 1, sync: true, minLength: 4096 });
+  const flush = () => {
+    try {
+      dest.flushSync();
+    } catch {
+      // stdout gone (the supervisor closed it): nothing left to write to
+    }
+  };
+  setInterval(flush, LOG_FLUSH_MS).unref();
+  process.once("exit", flush);
+  return dest;
+}
+
 /**
  * JSON lines with `service`, and `queueId`, `trace_id`, `span_id` whenever the active context has
  * them, so one message can be followed through every service's logs.
  */
 export function createLogger({ service, level = "info", destination }: LoggerOptions): Logger {
+  const buffered = destination ? undefined : bufferedStdout();
   return pino(
     {
       level,
+      hooks: {
+        logMethod(args, method, lineLevel) {
+          method.apply(this, args);
+          if (buffered && lineLevel >= 40) buffered.flushSync();
+        },
+      },
       base: { service },
       timestamp: pino.stdTimeFunctions.isoTime,
       formatters: { level: (label) => ({ level: label }) },
@@ -49,6 +79,6 @@ export function createLogger({ service, level = "info", destination }: LoggerOpt
         return out;
       },
     },
-    destination,
+    destination ?? buffered,
   );
 }

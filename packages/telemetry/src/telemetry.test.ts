@@ -89,3 +89,52 @@ describe("telemetry", () => {
     expect(text).toContain('mailpipe_messages_total{outcome="delivered",service="mda"} 3');
   });
 });
+
+describe("logging to standard output", () => {
+  /** Runs a script that logs through createLogger's default destination; returns its output lines. */
+  async function run(script: string): Promise<{ lines: Record<string, unknown>[]; code: number | null }> {
+    const { spawn } = await import("node:child_process");
+    const { fileURLToPath } = await import("node:url");
+    const logger = fileURLToPath(new URL("./logger.ts", import.meta.url));
+    const child = spawn(
+      process.execPath,
+      ["--input-type=module", "-e", `import { createLogger } from ${JSON.stringify(logger)};\n${script}`],
+      { stdio: ["ignore", "pipe", "ignore"] },
+    );
+    let out = "";
+    child.stdout.on("data", (c: Buffer) => {
+      out += c.toString();
+    });
+    const code = await new Promise<number | null>((resolve) => child.on("close", (c) => resolve(c)));
+    return {
+      lines: out
+        .split("\n")
+        .filter(Boolean)
+        .map((l) => JSON.parse(l)),
+      code,
+    };
+  }
+
+  it("keeps every line through an exit and a crash, and writes a warning at once even when killed next", async () => {
+    const exited = await run(
+      `const log = createLogger({ service: "t" }); log.info("one"); log.info("two"); process.exit(3);`,
+    );
+    expect(exited.code).toBe(3);
+    expect(exited.lines.map((l) => l.msg)).toEqual(["one", "two"]);
+
+    const crashed = await run(
+      `const log = createLogger({ service: "t" }); log.info("before the crash"); throw new Error("boom");`,
+    );
+    expect(crashed.code).toBe(1);
+    expect(crashed.lines.map((l) => l.msg)).toEqual(["before the crash"]);
+
+    // SIGKILL runs no exit handler: the warning (and what was buffered before it) is out already
+    const killed = await run(
+      `const log = createLogger({ service: "t" }); log.info("buffered"); log.warn("something is wrong"); process.kill(process.pid, "SIGKILL");`,
+    );
+    expect(killed.lines.map((l) => [l.level, l.msg])).toEqual([
+      ["info", "buffered"],
+      ["warn", "something is wrong"],
+    ]);
+  });
+});
