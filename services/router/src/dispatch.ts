@@ -21,7 +21,7 @@ export const MAX_RECIPIENTS_PER_REQUEST = 1000;
  * which the router holds anyway): the worker reads nothing from the store. Larger ones, and every
  * retry, are read by the worker from the reference.
  */
-export const REQUEST_ATTACH_MAX = 128 * 1024;
+export const REQUEST_ATTACH_MAX = 16 * 1024;
 
 /** What a request needs from the message. */
 export interface DispatchMessage {
