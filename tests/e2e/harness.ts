@@ -37,6 +37,8 @@ export interface PipelineOptions {
   nodeArgs?: string[];
   /** open nats-server's monitoring port (benchmarks read /varz and /connz) */
   natsMonitor?: boolean;
+  /** Redis's AOF fsync policy (default everysec; production manifests run always) */
+  redisAppendfsync?: "always" | "everysec";
 }
 
 export interface Pipeline {
@@ -61,7 +63,10 @@ export interface Pipeline {
 
 export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
   const dir = await tempDir("mailpipe-e2e");
-  const [nats, redis] = await Promise.all([startNats({ monitor: opts.natsMonitor ?? false }), startRedis()]);
+  const [nats, redis] = await Promise.all([
+    startNats({ monitor: opts.natsMonitor ?? false }),
+    startRedis({ appendfsync: opts.redisAppendfsync ?? "everysec" }),
+  ]);
   const dns = await startDnsServer({ records: opts.dns ?? {} });
   const otlp = opts.tracing ? await startOtlpReceiver() : undefined;
   const keyDir = join(dir.path, "dkim");

@@ -47,6 +47,8 @@ export interface StartRedisOptions {
   port?: number;
   /** Default true. */
   appendonly?: boolean;
+  /** AOF fsync policy: `everysec` (Redis's default) or `always` (what the manifests run) */
+  appendfsync?: "always" | "everysec";
 }
 
 export type ServerMode = "local" | "container";
@@ -377,6 +379,8 @@ export async function startRedis(options: StartRedisOptions = {}): Promise<Serve
       workDir,
       "--appendonly",
       appendonly ? "yes" : "no",
+      "--appendfsync",
+      options.appendfsync ?? "everysec",
       "--save",
       "",
       "--protected-mode",
