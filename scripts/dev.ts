@@ -11,7 +11,8 @@ import { connect } from "node:net";
 import { join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { developmentDirectory } from "@mailpipe/directory";
-import { createSelfSignedCert, startDnsServer } from "@mailpipe/testing";
+import { createSelfSignedCert } from "@mailpipe/testing";
+import { startDevDns } from "./dev-dns.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
 const env = process.env;
@@ -216,28 +217,18 @@ async function main(): Promise<void> {
     redisUrl = `redis://${host}:${ports.redis}`;
   }
 
-  // DNS for the development domain (SPF, DKIM, DMARC), unless DNS_SERVERS is set. Other names
-  // answer NXDOMAIN at once instead of waiting on a resolver a sandbox may not reach.
+  // DNS for the development domain (SPF, DKIM, DMARC), unless DNS_SERVERS is set; other names go
+  // to the system's resolvers, and fail temporarily (SERVFAIL) when none answers.
   let dnsServers = env.DNS_SERVERS;
+  let dnsNote = "";
   if (dnsServers === undefined) {
     const dkimTxt = await readFile(join(dataDir, "dkim", "example.test.mail.dns.txt"), "utf8").catch(
       () => "",
     );
     const dkimValue = /"(.*)"/.exec(dkimTxt)?.[1];
-    const dns = await startDnsServer({
-      host,
-      port: ports.dns,
-      records: {
-        "example.test": {
-          MX: [{ exchange: "mail.example.test", priority: 10 }],
-          TXT: ["v=spf1 ip4:127.0.0.0/8 -all"],
-        },
-        "mail.example.test": { A: [host] },
-        "_dmarc.example.test": { TXT: ["v=DMARC1; p=none"] },
-        ...(dkimValue ? { "mail._domainkey.example.test": { TXT: [dkimValue] } } : {}),
-      },
-    });
-    dnsServers = dns.address;
+    const dns = await startDevDns({ host, port: ports.dns, ...(dkimValue ? { dkimValue } : {}) });
+    dnsServers = dns.server.address;
+    dnsNote = ` (example.test; other names via ${dns.upstream.join(", ") || "nothing: SERVFAIL"})`;
   }
 
   const maildirRoot = env.MAILDIR_ROOT ?? join(dataDir, "mail");
@@ -300,7 +291,7 @@ async function main(): Promise<void> {
           `  msa  submission              ${host}:${ports.submission} (STARTTLS + AUTH), ${host}:${ports.submissions} (TLS + AUTH)`,
         ]
       : []),
-    `  NATS ${natsUrl}   Redis ${redisUrl}   DNS ${dnsServers || "(system)"}`,
+    `  NATS ${natsUrl}   Redis ${redisUrl}   DNS ${dnsServers || "(system)"}${dnsNote}`,
     `  health and metrics           ${services.map((n) => `${n} http://${host}:${httpPorts.get(n)}/metrics`).join(", ")}`,
     `  data                         ${rel(dataDir)} (JetStream store, Redis, mail, logs)`,
     "",
