@@ -2,8 +2,10 @@
 // storage), Redis (AOF), a DNS server for the development domain, and every service under
 // services/, with a development directory and TLS certificate; prints what is listening and how
 // to send a first message. All data lives in one folder (.data/ unless MAILPIPE_DATA_DIR is set).
-// Ctrl-C stops everything. Variables set in the environment reach the services and win over the
-// defaults below (`MAILDIR_ROOT=/tmp/mail npm start`).
+// Ctrl-C, SIGTERM or closing the terminal (SIGHUP) stops everything; a supervisor killed outright
+// takes its children with it, and the next start stops any it finds left (scripts/dev-lifecycle.ts).
+// Variables set in the environment reach the services and win over the defaults below
+// (`MAILDIR_ROOT=/tmp/mail npm start`).
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync } from "node:fs";
 import { appendFile, mkdir, readFile, writeFile } from "node:fs/promises";
@@ -11,7 +13,16 @@ import { connect } from "node:net";
 import { join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { developmentDirectory } from "@mailpipe/directory";
-import { createSelfSignedCert, startDnsServer } from "@mailpipe/testing";
+import { createSelfSignedCert } from "@mailpipe/testing";
+import { startDevDns } from "./dev-dns.ts";
+import {
+  AlreadyRunningError,
+  ensurePortsFree,
+  PidFile,
+  type PortUse,
+  stopStale,
+  withParentDeathSignal,
+} from "./dev-lifecycle.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
 const env = process.env;
@@ -47,6 +58,9 @@ interface Proc {
 }
 const procs = new Map<string, Proc>();
 let stopping = false;
+// every child's pid and start time, so that the next start can stop what this one leaves behind
+const pidFile = new PidFile(join(dataDir, "npm-start.pids"));
+const isInfrastructure = (name: string) => /^(nats|redis)\b/.test(name);
 
 function waitPort(port: number, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -65,17 +79,6 @@ function waitPort(port: number, timeoutMs: number): Promise<void> {
       });
     };
     attempt();
-  });
-}
-
-async function portFree(port: number): Promise<boolean> {
-  return new Promise((r) => {
-    const s = connect(port, host);
-    s.once("connect", () => {
-      s.destroy();
-      r(false);
-    });
-    s.once("error", () => r(true));
   });
 }
 
@@ -103,7 +106,9 @@ function formatLine(name: string, line: string): string {
 function launch(name: string, cmd: string, args: string[], childEnv: NodeJS.ProcessEnv, quiet = false): Proc {
   // Own process group: Ctrl-C reaches only this supervisor, which stops the services before
   // NATS and Redis, so in-flight work finishes instead of failing against a vanished bus.
-  const child = spawn(cmd, args, {
+  // The parent-death signal stops the child when the supervisor dies without doing that.
+  const [command, argv] = withParentDeathSignal(cmd, args);
+  const child = spawn(command, argv, {
     cwd: root,
     env: childEnv,
     stdio: ["ignore", "pipe", "pipe"],
@@ -121,6 +126,8 @@ function launch(name: string, cmd: string, args: string[], childEnv: NodeJS.Proc
   const exited = new Promise<number | null>((r) => child.once("exit", (code) => r(code)));
   const p = { name, child, exited };
   procs.set(name, p);
+  pidFile.add(name, child.pid, cmd);
+  void exited.then(() => pidFile.remove(name, child.pid));
   void exited.then(async (code) => {
     if (stopping || procs.get(name) !== p) return;
     say(color(31, `${name} exited with code ${code}; its log is ${rel(logFile)}. Stopping everything.`));
@@ -144,6 +151,7 @@ async function stopAll(code = 0): Promise<never> {
     };
     await Promise.all(svc.map(stop));
     await Promise.all(infra.map(stop));
+    pidFile.clear();
     say("stopped");
   }
   process.exit(code);
@@ -151,11 +159,30 @@ async function stopAll(code = 0): Promise<never> {
 
 async function main(): Promise<void> {
   await mkdir(join(dataDir, "logs"), { recursive: true });
-  process.on("SIGINT", () => void stopAll(0));
-  process.on("SIGTERM", () => void stopAll(0));
+  // A closed terminal (SIGHUP) is a Ctrl-C nobody can see: stop the same way, and let the writes to
+  // the vanished terminal fail quietly instead of crashing the supervisor half way through.
+  for (const stream of [process.stdout, process.stderr]) stream.on("error", () => {});
+  for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) process.on(signal, () => void stopAll(0));
   process.on("exit", () => {
-    for (const p of procs.values()) if (p.child.exitCode === null) p.child.kill("SIGKILL");
+    let left = false;
+    for (const p of procs.values()) {
+      if (p.child.exitCode !== null || p.child.signalCode !== null) continue;
+      left = !p.child.kill("SIGKILL") || left;
+    }
+    if (!left) pidFile.clear();
   });
+
+  // What an earlier npm start on this data folder left running (its supervisor was killed) is ours
+  // to stop; a second npm start while the first still runs is refused.
+  try {
+    await stopStale(pidFile.path, { first: (name) => !isInfrastructure(name), say });
+  } catch (err) {
+    if (err instanceof AlreadyRunningError) {
+      say(color(31, err.message));
+      process.exit(1);
+    }
+    throw err;
+  }
 
   // Development directory and keys, created once and kept.
   const directoryFile = env.DIRECTORY_FILE ?? join(dataDir, "directory.yaml");
@@ -175,11 +202,39 @@ async function main(): Promise<void> {
     say(`wrote a self-signed development certificate ${rel(certFile)}`);
   }
 
+  // Every port this start needs, checked before anything starts: a taken one is named with the
+  // process that holds it and the variable that moves it.
+  const httpPortOf = (name: Name, i: number) =>
+    Number(env[`${name.toUpperCase()}_HTTP_PORT`] ?? ports.http + i + 1);
+  const portUses: PortUse[] = [
+    ...(env.NATS_URL ? [] : [{ port: ports.nats, what: "NATS", setting: "DEV_NATS_PORT or NATS_URL" }]),
+    ...(env.REDIS_URL ? [] : [{ port: ports.redis, what: "Redis", setting: "DEV_REDIS_PORT or REDIS_URL" }]),
+    ...(env.DNS_SERVERS !== undefined
+      ? []
+      : (["udp", "tcp"] as const).map((protocol) => ({
+          port: ports.dns,
+          what: "DNS",
+          setting: "DEV_DNS_PORT or DNS_SERVERS",
+          protocol,
+        }))),
+    ...(services.includes("mx") ? [{ port: ports.mx, what: "mx SMTP", setting: "MX_PORT" }] : []),
+    ...(services.includes("msa")
+      ? [
+          { port: ports.submission, what: "msa submission", setting: "MSA_SUBMISSION_PORT" },
+          { port: ports.submissions, what: "msa submissions", setting: "MSA_SUBMISSIONS_PORT" },
+        ]
+      : []),
+    ...services.map((name, i) => ({
+      port: httpPortOf(name, i),
+      what: `${name} health and metrics`,
+      setting: `${name.toUpperCase()}_HTTP_PORT or DEV_HTTP_PORT_BASE`,
+    })),
+  ];
+  await ensurePortsFree(portUses, host);
+
   // NATS and Redis, unless the environment points at running ones.
   let natsUrl = env.NATS_URL;
   if (!natsUrl) {
-    if (!(await portFree(ports.nats)))
-      throw new Error(`port ${ports.nats} is taken: set DEV_NATS_PORT or NATS_URL`);
     const store = join(dataDir, "nats");
     await mkdir(store, { recursive: true });
     launch("nats", "nats-server", ["-js", "-sd", store, "-a", host, "-p", String(ports.nats)], env, true);
@@ -188,8 +243,6 @@ async function main(): Promise<void> {
   }
   let redisUrl = env.REDIS_URL;
   if (!redisUrl) {
-    if (!(await portFree(ports.redis)))
-      throw new Error(`port ${ports.redis} is taken: set DEV_REDIS_PORT or REDIS_URL`);
     const dir = join(dataDir, "redis");
     await mkdir(dir, { recursive: true });
     launch(
@@ -216,28 +269,18 @@ async function main(): Promise<void> {
     redisUrl = `redis://${host}:${ports.redis}`;
   }
 
-  // DNS for the development domain (SPF, DKIM, DMARC), unless DNS_SERVERS is set. Other names
-  // answer NXDOMAIN at once instead of waiting on a resolver a sandbox may not reach.
+  // DNS for the development domain (SPF, DKIM, DMARC), unless DNS_SERVERS is set; other names go
+  // to the system's resolvers, and fail temporarily (SERVFAIL) when none answers.
   let dnsServers = env.DNS_SERVERS;
+  let dnsNote = "";
   if (dnsServers === undefined) {
     const dkimTxt = await readFile(join(dataDir, "dkim", "example.test.mail.dns.txt"), "utf8").catch(
       () => "",
     );
     const dkimValue = /"(.*)"/.exec(dkimTxt)?.[1];
-    const dns = await startDnsServer({
-      host,
-      port: ports.dns,
-      records: {
-        "example.test": {
-          MX: [{ exchange: "mail.example.test", priority: 10 }],
-          TXT: ["v=spf1 ip4:127.0.0.0/8 -all"],
-        },
-        "mail.example.test": { A: [host] },
-        "_dmarc.example.test": { TXT: ["v=DMARC1; p=none"] },
-        ...(dkimValue ? { "mail._domainkey.example.test": { TXT: [dkimValue] } } : {}),
-      },
-    });
-    dnsServers = dns.address;
+    const dns = await startDevDns({ host, port: ports.dns, ...(dkimValue ? { dkimValue } : {}) });
+    dnsServers = dns.server.address;
+    dnsNote = ` (example.test; other names via ${dns.upstream.join(", ") || "nothing: SERVFAIL"})`;
   }
 
   const maildirRoot = env.MAILDIR_ROOT ?? join(dataDir, "mail");
@@ -260,7 +303,7 @@ async function main(): Promise<void> {
     DIRECTORY_FILE: directoryFile,
     TLS_CERT_FILE: certFile,
     TLS_KEY_FILE: keyFile,
-    HTTP_PORT: env[`${name.toUpperCase()}_HTTP_PORT`] ?? String(ports.http + i + 1),
+    HTTP_PORT: String(httpPortOf(name, i)),
   });
   const httpPorts = new Map<Name, number>();
   services.forEach((name, i) => {
@@ -300,7 +343,7 @@ async function main(): Promise<void> {
           `  msa  submission              ${host}:${ports.submission} (STARTTLS + AUTH), ${host}:${ports.submissions} (TLS + AUTH)`,
         ]
       : []),
-    `  NATS ${natsUrl}   Redis ${redisUrl}   DNS ${dnsServers || "(system)"}`,
+    `  NATS ${natsUrl}   Redis ${redisUrl}   DNS ${dnsServers || "(system)"}${dnsNote}`,
     `  health and metrics           ${services.map((n) => `${n} http://${host}:${httpPorts.get(n)}/metrics`).join(", ")}`,
     `  data                         ${rel(dataDir)} (JetStream store, Redis, mail, logs)`,
     "",

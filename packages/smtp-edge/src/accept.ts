@@ -73,7 +73,7 @@ function within<T>(ms: number, work: Promise<T>, abandoned: AbortController): Pr
 }
 
 /**
- * Durable acceptance (DESIGN.md §3 rule 1), the one way mx and msa take responsibility for a
+ * Durable acceptance (docs/architecture.md, durability rule 1), the one way mx and msa take responsibility for a
  * message: `QueuedMail` is published to the spool (`mail.v1.spool`, `Nats-Msg-Id = queueId`) with
  * the body (prepended headers + message) as its attachment, in one JetStream write; a body over
  * ATTACH_MAX goes into the Object Store under the queue ID first. The `received` and `queued`

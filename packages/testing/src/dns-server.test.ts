@@ -150,6 +150,96 @@ describe("startDnsServer", () => {
   });
 });
 
+describe("startDnsServer with forward", () => {
+  let upstream: DnsServerHandle;
+  let silent: DnsServerHandle;
+  let dns: DnsServerHandle;
+  let resolver: Resolver;
+
+  beforeAll(async () => {
+    upstream = await startDnsServer({
+      records: {
+        "remote.test": { MX: [{ exchange: "mx1.remote.test", priority: 10 }], ttl: 1234 },
+        "mx1.remote.test": { A: ["127.0.0.2"], ttl: 77 },
+        "many.remote.test": { A: Array.from({ length: 40 }, (_, i) => `127.0.2.${i + 1}`) },
+        "broken.remote.test": { rcode: "SERVFAIL" },
+      },
+    });
+    // an upstream that receives every question and answers none
+    silent = await startDnsServer({ records: { "remote.test": { timeout: true } } });
+    dns = await startDnsServer({
+      records: { "example.test": { A: ["127.0.0.1"] } },
+      forward: { servers: [upstream.address], localZones: ["example.test", "invalid"], timeoutMs: 600 },
+    });
+    resolver = new Resolver({ timeout: 2000, tries: 1 });
+    resolver.setServers([dns.address]);
+  });
+
+  afterAll(() => Promise.all([dns.stop(), upstream.stop(), silent.stop()]));
+
+  it("relays what the upstream answers for names it does not hold, TTLs kept", async () => {
+    expect(await resolver.resolveMx("remote.test")).toMatchObject([
+      { exchange: "mx1.remote.test", priority: 10 },
+    ]);
+    expect(await resolver.resolve4("mx1.remote.test", { ttl: true })).toEqual([
+      { address: "127.0.0.2", ttl: 77 },
+    ]);
+    const asked = new Resolver({ timeout: 2000, tries: 1 });
+    asked.setServers([dns.address]);
+    expect(await asked.resolve4("example.test")).toEqual(["127.0.0.1"]);
+    expect(upstream.queries.map((q) => q.name)).toEqual(["remote.test", "mx1.remote.test"]);
+  });
+
+  it("relays the upstream's NXDOMAIN and SERVFAIL as they are", async () => {
+    await expect(resolver.resolve4("nowhere.remote.test")).rejects.toMatchObject({ code: "ENOTFOUND" });
+    await expect(resolver.resolve4("broken.remote.test")).rejects.toMatchObject({ code: "ESERVFAIL" });
+    expect(upstream.queries.some((q) => q.name === "nowhere.remote.test")).toBe(true);
+  });
+
+  it("answers names under its local zones itself, never asking upstream", async () => {
+    const before = upstream.queries.length;
+    await expect(resolver.resolve4("other.example.test")).rejects.toMatchObject({ code: "ENOTFOUND" });
+    await expect(resolver.resolve4("someone.invalid")).rejects.toMatchObject({ code: "ENOTFOUND" });
+    expect(upstream.queries.slice(before)).toEqual([]);
+  });
+
+  it("asks upstream over TCP when its UDP answer is truncated, and the client too", async () => {
+    const before = upstream.queries.length;
+    expect(await resolver.resolve4("many.remote.test")).toHaveLength(40);
+    const toUpstream = upstream.queries.slice(before).filter((q) => q.name === "many.remote.test");
+    expect(toUpstream.map((q) => q.transport)).toContain("tcp");
+    const fromClient = dns.queries.filter((q) => q.name === "many.remote.test");
+    expect(fromClient.map((q) => q.transport)).toEqual(["udp", "tcp"]);
+  });
+
+  it("answers SERVFAIL when no upstream answers in time, a temporary failure", async () => {
+    const lost = await startDnsServer({
+      forward: { servers: [silent.address], timeoutMs: 300 },
+    });
+    const r = new Resolver({ timeout: 2000, tries: 1 });
+    r.setServers([lost.address]);
+    try {
+      await expect(r.resolveMx("remote.test")).rejects.toMatchObject({ code: "ESERVFAIL" });
+      expect(silent.queries.map((q) => q.name)).toContain("remote.test");
+    } finally {
+      await lost.stop();
+    }
+  });
+
+  it("moves on to the next upstream when the first is silent", async () => {
+    const two = await startDnsServer({
+      forward: { servers: [silent.address, upstream.address], timeoutMs: 1000 },
+    });
+    const r = new Resolver({ timeout: 2000, tries: 1 });
+    r.setServers([two.address]);
+    try {
+      expect(await r.resolveMx("remote.test")).toMatchObject([{ exchange: "mx1.remote.test", priority: 10 }]);
+    } finally {
+      await two.stop();
+    }
+  });
+});
+
 describe("reverseName", () => {
   it("builds in-addr.arpa and ip6.arpa names", () => {
     expect(reverseName("127.0.0.2")).toBe("2.0.0.127.in-addr.arpa");

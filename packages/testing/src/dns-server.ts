@@ -1,7 +1,11 @@
-// An authoritative DNS server on loopback serving exactly the records a test declares.
+// An authoritative DNS server on loopback serving exactly the records a test declares; with
+// `forward`, names it does not hold go to upstream resolvers (`npm start` points it at the system's).
 import dgram from "node:dgram";
 import net from "node:net";
 import * as dnsPacket from "dns-packet";
+import { type DnsForwarding, forwardQuery, inZone, parseUpstream } from "./dns-forward.ts";
+
+export type { DnsForwarding } from "./dns-forward.ts";
 
 export interface MxRecord {
   exchange: string;
@@ -38,6 +42,12 @@ export interface StartDnsServerOptions {
   /** Default 0: any free port, the same for UDP and TCP. */
   port?: number;
   records?: Record<string, DnsRecords>;
+  /**
+   * Relay questions for names not in `records` (and not under `forward.localZones`) to these
+   * resolvers; when none answers in time the client gets SERVFAIL, a temporary failure. Without
+   * it every such name is NXDOMAIN.
+   */
+  forward?: DnsForwarding;
 }
 
 export interface DnsServerHandle {
@@ -143,16 +153,23 @@ class Zone {
   }
 }
 
+interface Forwarder {
+  upstreams: ReturnType<typeof parseUpstream>[];
+  localZones: string[];
+  timeoutMs: number;
+}
+
 /**
  * Builds the wire answer to one query, or undefined when the name is scripted to time out
  * or the packet is not a query.
  */
-function respond(
+async function respond(
   zone: Zone,
   message: Buffer,
   transport: "udp" | "tcp",
   log: (q: DnsQuery) => void,
-): Buffer | undefined {
+  forwarder?: Forwarder,
+): Promise<Buffer | undefined> {
   let query: dnsPacket.DecodedPacket;
   try {
     query = dnsPacket.decode(message);
@@ -171,6 +188,10 @@ function respond(
     additionals: opt ? [{ type: "OPT", name: ".", udpPayloadSize: OUR_UDP_SIZE } as dnsPacket.OptAnswer] : [],
   });
 
+  // Over UDP a client takes at most 512 bytes, or what its EDNS0 OPT says; beyond that it gets
+  // TC and retries over TCP, which is how resolvers fetch long DKIM keys.
+  const limit = transport === "tcp" ? 0xffff : Math.max(PLAIN_UDP_LIMIT, opt?.udpPayloadSize ?? 0);
+
   let packet: dnsPacket.Packet;
   if (!question) {
     packet = reply(RCODES.FORMERR);
@@ -179,16 +200,24 @@ function respond(
     log({ name, type: question.type, at: new Date(), transport });
     const records = zone.get(name);
     if (records?.timeout) return undefined;
-    if (!records) packet = reply(RCODES.NXDOMAIN);
+    if (!records && forwarder && !forwarder.localZones.some((z) => inZone(name, z))) {
+      const relayed = await forwardQuery(message, question, forwarder.upstreams, forwarder.timeoutMs);
+      // relayed as the upstream sent it, unless it is too big for this client's UDP
+      if (relayed && relayed.length <= limit) return relayed;
+      // too big: the upstream's header with TC, so the client asks again over TCP; no answer in
+      // time: SERVFAIL, which every resolver reads as "try again later"
+      const flags = relayed
+        ? relayed.readUInt16BE(2) | dnsPacket.TRUNCATED_RESPONSE
+        : ((query.flags ?? 0) & dnsPacket.RECURSION_DESIRED) |
+          dnsPacket.RECURSION_AVAILABLE |
+          RCODES.SERVFAIL;
+      packet = { ...reply(RCODES.NOERROR), flags };
+    } else if (!records) packet = reply(RCODES.NXDOMAIN);
     else if (records.rcode) packet = reply(RCODES[records.rcode]);
     else packet = reply(RCODES.NOERROR, zone.answers(name, question.type));
   }
 
   const wire = dnsPacket.encode(packet);
-  if (transport === "tcp") return wire;
-  // Over UDP a client takes at most 512 bytes, or what its EDNS0 OPT says; beyond that it gets
-  // TC and retries over TCP, which is how resolvers fetch long DKIM keys.
-  const limit = Math.max(PLAIN_UDP_LIMIT, opt?.udpPayloadSize ?? 0);
   if (wire.length <= limit) return wire;
   return dnsPacket.encode({
     ...packet,
@@ -223,13 +252,19 @@ export async function startDnsServer(options: StartDnsServerOptions = {}): Promi
   for (const [name, records] of Object.entries(options.records ?? {})) zone.set(name, records);
   const queries: DnsQuery[] = [];
   const log = (q: DnsQuery) => queries.push(q);
+  const forwarder: Forwarder | undefined = options.forward && {
+    upstreams: options.forward.servers.map(parseUpstream),
+    localZones: (options.forward.localZones ?? []).map(normalize),
+    timeoutMs: options.forward.timeoutMs ?? 1500,
+  };
   const sockets = new Set<net.Socket>();
 
   const makeUdp = () => {
     const udp = dgram.createSocket(net.isIPv6(host) ? "udp6" : "udp4");
     udp.on("message", (message, remote) => {
-      const answer = respond(zone, message, "udp", log);
-      if (answer) udp.send(answer, remote.port, remote.address);
+      void respond(zone, message, "udp", log, forwarder).then((answer) => {
+        if (answer) udp.send(answer, remote.port, remote.address);
+      });
     });
     return udp;
   };
@@ -247,12 +282,12 @@ export async function startDnsServer(options: StartDnsServerOptions = {}): Promi
           if (pending.length < 2 + length) break;
           const message = pending.subarray(2, 2 + length);
           pending = pending.subarray(2 + length);
-          const answer = respond(zone, message, "tcp", log);
-          if (answer) {
+          void respond(zone, message, "tcp", log, forwarder).then((answer) => {
+            if (!answer || socket.destroyed) return;
             const prefix = Buffer.alloc(2);
             prefix.writeUInt16BE(answer.length);
             socket.write(Buffer.concat([prefix, answer]));
-          }
+          });
         }
       });
     });

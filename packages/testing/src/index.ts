@@ -1,5 +1,6 @@
 export type { Exit } from "./children.ts";
 export {
+  type DnsForwarding,
   type DnsQuery,
   type DnsRecords,
   type DnsServerHandle,

@@ -1,4 +1,4 @@
-// When to try a deferred recipient again, and when to give up (DESIGN §3 rule 5).
+// When to try a deferred recipient again, and when to give up (docs/architecture.md, retry policy).
 
 export interface RetryPolicy {
   /** waits after attempt 1, 2, …; the last one repeats */
