@@ -153,7 +153,11 @@ describe("npm start's lifecycle", () => {
     // a closing terminal hangs up its foreground process group
     process.kill(-run.child.pid!, "SIGHUP");
     await allGone("processes outlived the SIGHUP");
-    expect(run.output()).toMatch(/\[mailpipe\] stopped/);
+    // its last words may still be in the pipe when the process is gone
+    await waitFor(() => /\[mailpipe\] stopped/.test(run.output()), {
+      timeoutMs: 10_000,
+      message: `no "stopped" in\n${run.output()}`,
+    });
     expect(run.output()).not.toMatch(/exited with code [1-9]/);
     expect(() => pidFile()).toThrow(/ENOENT/); // a clean stop leaves no pid file
   }, 240_000);
