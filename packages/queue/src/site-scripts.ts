@@ -1,0 +1,315 @@
+// Destination limits in Lua: per destination site (the set of MX hosts a domain resolves to), the
+// slots (SMTP transactions in flight, across every delivery worker) with their leases, the message
+// rate, and the wait list of recipients that found no slot. Included after COMMON (scripts.ts),
+// whose helpers (jkey, mkey, rkey, DUE, undispatch) they use.
+//
+// A slot is a member of `site:<id>:slots` (token → lease expiry, ms). The router takes one before it
+// publishes a remote request; the status for that request releases it (FINISH_BY_ADDRESS or
+// RELEASE_SLOTS), and a release hands the slot straight to the site's wait list (grant). Once the
+// request's stream sequence is recorded (`site:<id>:req`), a slot whose lease ran out is only a
+// suspect: the router's admission loop asks MAIL_DELIVER whether the request is still there (queued,
+// or with a worker that will renew it) before the slot is given back. A slot nobody recorded a
+// request for (the router died before publishing) is given back as soon as its lease runs out.
+
+export const SITE = `
+local SITES = P .. "sites"
+local KNOWN = P .. "known-sites"
+local function site_key(s) return P .. "site:" .. s end
+local function slots_key(s) return P .. "site:" .. s .. ":slots" end
+local function req_key(s) return P .. "site:" .. s .. ":req" end
+local function wait_key(s) return P .. "site:" .. s .. ":wait" end
+-- a policy written by a less specific rule (default < MX pattern < domain) does not replace a more
+-- specific one written within this time: two domains on one site may carry different rules
+local POLICY_STALE_MS = 600000
+
+-- limit, rate messages, rate period (ms), lease (ms), theoretical arrival time of the next message
+local function site_conf(s)
+  local f = redis.call("HMGET", site_key(s), "limit", "rn", "rms", "lease", "tat")
+  return tonumber(f[1]) or 1, tonumber(f[2]) or 0, tonumber(f[3]) or 0, tonumber(f[4]) or 60000, tonumber(f[5]) or 0
+end
+
+local function configure(s, label, limit, rn, rms, prio, lease, now)
+  local k = site_key(s)
+  local cur = redis.call("HMGET", k, "prio", "at")
+  local cp, cat = tonumber(cur[1]), tonumber(cur[2]) or 0
+  if (not cp) or tonumber(prio) >= cp or now - cat > POLICY_STALE_MS then
+    redis.call("HSET", k, "label", label, "limit", limit, "rn", rn, "rms", rms, "prio", prio, "at", now, "lease", lease)
+  end
+  redis.call("PEXPIRE", k, 604800000)
+  redis.call("ZADD", KNOWN, now, s)
+end
+
+-- Gives back slots whose lease ran out and whose request was never recorded; returns the expired
+-- ones that were (token, "<seq> <dispatchId>", ...), for the router to look up.
+local function reap(s, now)
+  local sk, rk = slots_key(s), req_key(s)
+  local suspects = {}
+  for _, t in ipairs(redis.call("ZRANGEBYSCORE", sk, "-inf", "(" .. now)) do
+    local req = redis.call("HGET", rk, t)
+    if req then
+      suspects[#suspects + 1] = t
+      suspects[#suspects + 1] = req
+    else
+      redis.call("ZREM", sk, t)
+    end
+  end
+  return suspects
+end
+
+-- whether a message may start now: a free slot and (GCRA, no burst) the rate's next time reached
+local function can_start(s, now)
+  local limit, rn, _, _, tat = site_conf(s)
+  if redis.call("ZCARD", slots_key(s)) >= limit then return false end
+  return rn <= 0 or tat <= now
+end
+
+local function take(s, token, now)
+  local _, rn, rms, lease, tat = site_conf(s)
+  redis.call("ZADD", slots_key(s), now + lease, token)
+  if rn > 0 then
+    if tat < now then tat = now end
+    redis.call("HSET", site_key(s), "tat", math.floor(tat + rms / rn + 0.5))
+  end
+end
+
+-- When the admission loop should look at the site again: never without waiters; when the rate
+-- allows the next message, or when the first slot's lease runs out.
+local function schedule_check(s, now)
+  if redis.call("EXISTS", wait_key(s)) == 0 then
+    redis.call("ZREM", SITES, s)
+    return
+  end
+  local limit, rn, _, _, tat = site_conf(s)
+  local sk = slots_key(s)
+  local at = now
+  if redis.call("ZCARD", sk) < limit then
+    if rn > 0 and tat > now then at = tat end
+  else
+    local first = redis.call("ZRANGE", sk, 0, 0, "WITHSCORES")
+    at = math.max(now, tonumber(first[2]) or now)
+  end
+  redis.call("ZADD", SITES, at, s)
+end
+
+-- Hands free slots to the site's waiting recipients, first come first served: the recipients of one
+-- message that started waiting together go as one group (one request, one slot, up to 1000), back
+-- to the schedule, due now, with the slot's token. Returns how many groups got a slot.
+local function grant(s, now)
+  local wk = wait_key(s)
+  local granted = 0
+  while can_start(s, now) do
+    local head = redis.call("ZRANGE", wk, 0, 0, "WITHSCORES")
+    if #head == 0 then break end
+    local prefix = string.match(head[1], "^[^:]+") .. ":"
+    local token = "g" .. redis.call("INCR", P .. "seq")
+    local n = 0
+    for _, id in ipairs(redis.call("ZRANGEBYSCORE", wk, head[2], head[2], "LIMIT", 0, 1000)) do
+      if string.sub(id, 1, #prefix) ~= prefix then break end
+      redis.call("ZREM", wk, id)
+      local jk = jkey(id)
+      if redis.call("EXISTS", jk) == 1 then
+        redis.call("HSET", jk, "slot", token)
+        redis.call("ZADD", DUE, now, id)
+        n = n + 1
+      end
+    end
+    if n > 0 then
+      take(s, token, now)
+      granted = granted + 1
+    end
+  end
+  schedule_check(s, now)
+  return granted
+end
+
+-- Ends a slot (its transaction is over) and passes it on. Returns how many groups got a slot.
+local function release(s, token, now)
+  if redis.call("ZREM", slots_key(s), token) == 0 then return 0 end
+  redis.call("HDEL", req_key(s), token)
+  if redis.call("EXISTS", wait_key(s)) == 0 then return 0 end
+  return grant(s, now)
+end
+
+-- after the publish: which request holds the slot, so an expired lease can be checked against it
+local function record_slot(s, token, req)
+  if redis.call("ZSCORE", slots_key(s), token) then redis.call("HSET", req_key(s), token, req) end
+end
+`;
+
+/**
+ * First attempts. ARGV: prefix, site, token, label, limit, rateMessages, ratePeriodMs, priority,
+ * leaseMs, now, queueId, rid1, rid2, ... Takes a slot for the request `token` (its dispatch id), or
+ * makes the recipients retry jobs waiting in the site's wait list. A token already holding a slot
+ * (a redelivered spool message) keeps it; recipients that are not pending or already have a job
+ * (waiting, or granted) are left out. Returns {"ok", granted} | {"wait", granted, waiting}.
+ */
+export const ADMIT = (common: string) => `${common}${SITE}
+local s, token, now = ARGV[2], ARGV[3], tonumber(ARGV[10])
+configure(s, ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], now)
+if redis.call("ZSCORE", slots_key(s), token) then
+  local _, _, _, lease = site_conf(s)
+  redis.call("ZADD", slots_key(s), now + lease, token)
+  return {"ok", "0"}
+end
+local q = ARGV[11]
+local mk, rk = mkey(q), rkey(q)
+local todo = {}
+if redis.call("EXISTS", mk) == 1 then
+  for i = 12, #ARGV do
+    local raw = redis.call("HGET", rk, ARGV[i])
+    if raw and redis.call("EXISTS", jkey(q .. ":" .. ARGV[i])) == 0 and cjson.decode(raw).state == "pending" then
+      todo[#todo + 1] = {ARGV[i], raw}
+    end
+  end
+end
+if #todo == 0 then return {"wait", "0", "0"} end
+reap(s, now)
+local granted = 0
+if redis.call("EXISTS", wait_key(s)) == 1 then granted = grant(s, now) end
+if redis.call("EXISTS", wait_key(s)) == 0 and can_start(s, now) then
+  take(s, token, now)
+  return {"ok", tostring(granted)}
+end
+local received, tp = redis.call("HGET", mk, "receivedAt"), redis.call("HGET", mk, "traceparent") or ""
+for _, t in ipairs(todo) do
+  local id = q .. ":" .. t[1]
+  redis.call("HSET", jkey(id), "kind", "retry", "queueId", q, "rid", t[1], "recipient", t[2],
+    "receivedAt", received, "traceparent", tp, "site", s)
+  redis.call("ZADD", wait_key(s), now, id)
+  undispatch(id)
+end
+schedule_check(s, now)
+return {"wait", tostring(granted), tostring(#todo)}
+`;
+
+/**
+ * Retries the scheduler claimed. ARGV: prefix, site, token, label, limit, rateMessages, ratePeriodMs,
+ * priority, leaseMs, now, id1, lease1, id2, lease2, ... As ADMIT, but the jobs exist: without a slot,
+ * those still held under the caller's lease move from the lease set to the wait list.
+ * Returns {"ok", granted} | {"wait", granted, waiting}.
+ */
+export const ADMIT_JOBS = (common: string) => `${common}${SITE}
+local s, token, now = ARGV[2], ARGV[3], tonumber(ARGV[10])
+configure(s, ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], now)
+if redis.call("ZSCORE", slots_key(s), token) then
+  local _, _, _, lease = site_conf(s)
+  redis.call("ZADD", slots_key(s), now + lease, token)
+  return {"ok", "0"}
+end
+reap(s, now)
+local granted = 0
+if redis.call("EXISTS", wait_key(s)) == 1 then granted = grant(s, now) end
+if redis.call("EXISTS", wait_key(s)) == 0 and can_start(s, now) then
+  take(s, token, now)
+  return {"ok", tostring(granted)}
+end
+local n = 0
+for i = 11, #ARGV, 2 do
+  local id, lease = ARGV[i], ARGV[i + 1]
+  local jk = jkey(id)
+  if redis.call("HGET", jk, "lease") == lease then
+    redis.call("ZREM", LEASE, id)
+    redis.call("HDEL", jk, "lease", "slot")
+    redis.call("HSET", jk, "site", s)
+    redis.call("ZADD", wait_key(s), now, id)
+    n = n + 1
+  end
+end
+schedule_check(s, now)
+return {"wait", tostring(granted), tostring(n)}
+`;
+
+/** ARGV: prefix, now, site1, token1, site2, token2, ... Ends slots; returns how many groups got one. */
+export const RELEASE_SLOTS = (common: string) => `${common}${SITE}
+local now = tonumber(ARGV[2])
+local granted = 0
+for i = 3, #ARGV, 2 do granted = granted + release(ARGV[i], ARGV[i + 1], now) end
+return granted
+`;
+
+/**
+ * The admission loop. ARGV: prefix, now, maxSites. For sites due for a look: gives back expired slots
+ * with no recorded request, grants free slots to waiters. Returns {granted, nextCheckMs|"",
+ * site, token, req, site, token, req, ...} with the expired slots whose request must be looked up.
+ */
+export const GRANT_DUE = (common: string) => `${common}${SITE}
+local now = tonumber(ARGV[2])
+local out = {0, ""}
+for _, s in ipairs(redis.call("ZRANGEBYSCORE", SITES, "-inf", now, "LIMIT", 0, tonumber(ARGV[3]))) do
+  local sus = reap(s, now)
+  for i = 1, #sus, 2 do
+    out[#out + 1] = s
+    out[#out + 1] = sus[i]
+    out[#out + 1] = sus[i + 1]
+  end
+  out[1] = out[1] + grant(s, now)
+end
+local first = redis.call("ZRANGE", SITES, 0, 0, "WITHSCORES")
+if first[2] then out[2] = first[2] end
+out[1] = tostring(out[1])
+return out
+`;
+
+/**
+ * After the lookups: ARGV: prefix, now, site1, token1, keep1, ... A slot whose request is still in
+ * MAIL_DELIVER ("1") gets a new lease; one whose request is gone ("0") is given back. Returns how
+ * many groups got a slot.
+ */
+export const SETTLE_SLOTS = (common: string) => `${common}${SITE}
+local now = tonumber(ARGV[2])
+local sites = {}
+for i = 3, #ARGV, 3 do
+  local s, token = ARGV[i], ARGV[i + 1]
+  if ARGV[i + 2] == "1" then
+    local _, _, _, lease = site_conf(s)
+    redis.call("ZADD", slots_key(s), "XX", now + lease, token)
+  else
+    redis.call("ZREM", slots_key(s), token)
+    redis.call("HDEL", req_key(s), token)
+  end
+  sites[s] = true
+end
+local granted = 0
+for s in pairs(sites) do granted = granted + grant(s, now) end
+return granted
+`;
+
+/**
+ * The delivery worker's lease. ARGV: prefix, site, token, until, now. Extends the slot while the
+ * token holds it ("held"); when its lease ran out and it was given back, takes a free slot again
+ * ("retaken"), else answers "full": the request must not start.
+ */
+export const RENEW_SLOT = (common: string) => `${common}${SITE}
+local s, token, now = ARGV[2], ARGV[3], tonumber(ARGV[5])
+local sk = slots_key(s)
+if redis.call("ZSCORE", sk, token) then
+  redis.call("ZADD", sk, "XX", ARGV[4], token)
+  return "held"
+end
+reap(s, now)
+local limit = site_conf(s)
+if redis.call("ZCARD", sk) < limit then
+  redis.call("ZADD", sk, ARGV[4], token)
+  return "retaken"
+end
+return "full"
+`;
+
+/**
+ * Metrics. ARGV: prefix, now, max. Forgets sites unused for a day; returns, for the `max` most
+ * recently used, {site, label, slots in use, recipients waiting, limit, ...}.
+ */
+export const SITE_STATS = (common: string) => `${common}${SITE}
+local now = tonumber(ARGV[2])
+redis.call("ZREMRANGEBYSCORE", KNOWN, "-inf", now - 86400000)
+local out = {}
+for _, s in ipairs(redis.call("ZREVRANGE", KNOWN, 0, tonumber(ARGV[3]) - 1)) do
+  local f = redis.call("HMGET", site_key(s), "label", "limit")
+  out[#out + 1] = s
+  out[#out + 1] = f[1] or s
+  out[#out + 1] = tostring(redis.call("ZCARD", slots_key(s)))
+  out[#out + 1] = tostring(redis.call("ZCARD", wait_key(s)))
+  out[#out + 1] = f[2] or "0"
+end
+return out
+`;
