@@ -22,20 +22,36 @@ local function wait_key(s) return P .. "site:" .. s .. ":wait" end
 -- specific one written within this time: two domains on one site may carry different rules
 local POLICY_STALE_MS = 600000
 
--- limit, rate messages, rate period (ms), lease (ms), theoretical arrival time of the next message
+-- The site's policy and rate state, read once per script run (HMGET) and kept up to date here.
+local CONF = {}
 local function site_conf(s)
-  local f = redis.call("HMGET", site_key(s), "limit", "rn", "rms", "lease", "tat")
-  return tonumber(f[1]) or 1, tonumber(f[2]) or 0, tonumber(f[3]) or 0, tonumber(f[4]) or 60000, tonumber(f[5]) or 0
+  local c = CONF[s]
+  if not c then
+    local f = redis.call("HMGET", site_key(s), "limit", "rn", "rms", "lease", "tat", "label", "prio", "at")
+    c = {
+      limit = tonumber(f[1]) or 1, rn = tonumber(f[2]) or 0, rms = tonumber(f[3]) or 0,
+      lease = tonumber(f[4]) or 60000, tat = tonumber(f[5]) or 0, label = f[6], prio = tonumber(f[7]),
+      at = tonumber(f[8]) or 0,
+    }
+    CONF[s] = c
+  end
+  return c
 end
 
+-- Writes the caller's policy unless a more specific one written lately holds; rewrites an unchanged
+-- one only once a minute (to keep its time fresh and the key alive), so admission mostly just reads.
 local function configure(s, label, limit, rn, rms, prio, lease, now)
-  local k = site_key(s)
-  local cur = redis.call("HMGET", k, "prio", "at")
-  local cp, cat = tonumber(cur[1]), tonumber(cur[2]) or 0
-  if (not cp) or tonumber(prio) >= cp or now - cat > POLICY_STALE_MS then
-    redis.call("HSET", k, "label", label, "limit", limit, "rn", rn, "rms", rms, "prio", prio, "at", now, "lease", lease)
+  local c = site_conf(s)
+  limit, rn, rms, prio, lease = tonumber(limit), tonumber(rn), tonumber(rms), tonumber(prio), tonumber(lease)
+  local wins = (not c.prio) or prio >= c.prio or now - c.at > POLICY_STALE_MS
+  local same = c.prio == prio and c.label == label and c.limit == limit and c.rn == rn and c.rms == rms
+    and c.lease == lease
+  if wins and (not same or now - c.at > 60000) then
+    redis.call("HSET", site_key(s), "label", label, "limit", limit, "rn", rn, "rms", rms, "prio", prio, "at", now,
+      "lease", lease)
+    redis.call("PEXPIRE", site_key(s), 604800000)
+    c.label, c.limit, c.rn, c.rms, c.prio, c.at, c.lease = label, limit, rn, rms, prio, now, lease
   end
-  redis.call("PEXPIRE", k, 604800000)
   redis.call("ZADD", KNOWN, now, s)
 end
 
@@ -56,19 +72,23 @@ local function reap(s, now)
   return suspects
 end
 
--- whether a message may start now: a free slot and (GCRA, no burst) the rate's next time reached
+-- whether a message may start now: the rate's next time reached (GCRA, no burst) and a slot free
+-- (expired slots are only looked at when the site seems full)
 local function can_start(s, now)
-  local limit, rn, _, _, tat = site_conf(s)
-  if redis.call("ZCARD", slots_key(s)) >= limit then return false end
-  return rn <= 0 or tat <= now
+  local c = site_conf(s)
+  if c.rn > 0 and c.tat > now then return false end
+  local sk = slots_key(s)
+  if redis.call("ZCARD", sk) < c.limit then return true end
+  reap(s, now)
+  return redis.call("ZCARD", sk) < c.limit
 end
 
 local function take(s, token, now)
-  local _, rn, rms, lease, tat = site_conf(s)
-  redis.call("ZADD", slots_key(s), now + lease, token)
-  if rn > 0 then
-    if tat < now then tat = now end
-    redis.call("HSET", site_key(s), "tat", math.floor(tat + rms / rn + 0.5))
+  local c = site_conf(s)
+  redis.call("ZADD", slots_key(s), now + c.lease, token)
+  if c.rn > 0 then
+    c.tat = math.floor(math.max(c.tat, now) + c.rms / c.rn + 0.5)
+    redis.call("HSET", site_key(s), "tat", c.tat)
   end
 end
 
@@ -79,11 +99,11 @@ local function schedule_check(s, now)
     redis.call("ZREM", SITES, s)
     return
   end
-  local limit, rn, _, _, tat = site_conf(s)
+  local c = site_conf(s)
   local sk = slots_key(s)
   local at = now
-  if redis.call("ZCARD", sk) < limit then
-    if rn > 0 and tat > now then at = tat end
+  if redis.call("ZCARD", sk) < c.limit then
+    if c.rn > 0 and c.tat > now then at = c.tat end
   else
     local first = redis.call("ZRANGE", sk, 0, 0, "WITHSCORES")
     at = math.max(now, tonumber(first[2]) or now)
@@ -146,40 +166,45 @@ end
 export const ADMIT = (common: string) => `${common}${SITE}
 local s, token, now = ARGV[2], ARGV[3], tonumber(ARGV[10])
 configure(s, ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], now)
-if redis.call("ZSCORE", slots_key(s), token) then
-  local _, _, _, lease = site_conf(s)
-  redis.call("ZADD", slots_key(s), now + lease, token)
+local sk = slots_key(s)
+if redis.call("ZSCORE", sk, token) then
+  redis.call("ZADD", sk, now + site_conf(s).lease, token)
   return {"ok", "0"}
 end
+-- recipients that wait already (or were granted a slot) are not admitted twice
 local q = ARGV[11]
-local mk, rk = mkey(q), rkey(q)
 local todo = {}
-if redis.call("EXISTS", mk) == 1 then
-  for i = 12, #ARGV do
-    local raw = redis.call("HGET", rk, ARGV[i])
-    if raw and redis.call("EXISTS", jkey(q .. ":" .. ARGV[i])) == 0 and cjson.decode(raw).state == "pending" then
-      todo[#todo + 1] = {ARGV[i], raw}
-    end
-  end
+for i = 12, #ARGV do
+  if redis.call("EXISTS", jkey(q .. ":" .. ARGV[i])) == 0 then todo[#todo + 1] = ARGV[i] end
 end
 if #todo == 0 then return {"wait", "0", "0"} end
-reap(s, now)
 local granted = 0
-if redis.call("EXISTS", wait_key(s)) == 1 then granted = grant(s, now) end
-if redis.call("EXISTS", wait_key(s)) == 0 and can_start(s, now) then
+local waiting = redis.call("EXISTS", wait_key(s)) == 1
+if waiting then
+  granted = grant(s, now)
+  waiting = redis.call("EXISTS", wait_key(s)) == 1
+end
+if not waiting and can_start(s, now) then
   take(s, token, now)
   return {"ok", tostring(granted)}
 end
+local mk, rk = mkey(q), rkey(q)
+if redis.call("EXISTS", mk) == 0 then return {"wait", tostring(granted), "0"} end
 local received, tp = redis.call("HGET", mk, "receivedAt"), redis.call("HGET", mk, "traceparent") or ""
-for _, t in ipairs(todo) do
-  local id = q .. ":" .. t[1]
-  redis.call("HSET", jkey(id), "kind", "retry", "queueId", q, "rid", t[1], "recipient", t[2],
-    "receivedAt", received, "traceparent", tp, "site", s)
-  redis.call("ZADD", wait_key(s), now, id)
-  undispatch(id)
+local n = 0
+for _, rid in ipairs(todo) do
+  local raw = redis.call("HGET", rk, rid)
+  if raw and cjson.decode(raw).state == "pending" then
+    local id = q .. ":" .. rid
+    redis.call("HSET", jkey(id), "kind", "retry", "queueId", q, "rid", rid, "recipient", raw,
+      "receivedAt", received, "traceparent", tp, "site", s)
+    redis.call("ZADD", wait_key(s), now, id)
+    undispatch(id)
+    n = n + 1
+  end
 end
 schedule_check(s, now)
-return {"wait", tostring(granted), tostring(#todo)}
+return {"wait", tostring(granted), tostring(n)}
 `;
 
 /**
@@ -192,14 +217,16 @@ export const ADMIT_JOBS = (common: string) => `${common}${SITE}
 local s, token, now = ARGV[2], ARGV[3], tonumber(ARGV[10])
 configure(s, ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], now)
 if redis.call("ZSCORE", slots_key(s), token) then
-  local _, _, _, lease = site_conf(s)
-  redis.call("ZADD", slots_key(s), now + lease, token)
+  redis.call("ZADD", slots_key(s), now + site_conf(s).lease, token)
   return {"ok", "0"}
 end
-reap(s, now)
 local granted = 0
-if redis.call("EXISTS", wait_key(s)) == 1 then granted = grant(s, now) end
-if redis.call("EXISTS", wait_key(s)) == 0 and can_start(s, now) then
+local waiting = redis.call("EXISTS", wait_key(s)) == 1
+if waiting then
+  granted = grant(s, now)
+  waiting = redis.call("EXISTS", wait_key(s)) == 1
+end
+if not waiting and can_start(s, now) then
   take(s, token, now)
   return {"ok", tostring(granted)}
 end
@@ -261,8 +288,7 @@ local sites = {}
 for i = 3, #ARGV, 3 do
   local s, token = ARGV[i], ARGV[i + 1]
   if ARGV[i + 2] == "1" then
-    local _, _, _, lease = site_conf(s)
-    redis.call("ZADD", slots_key(s), "XX", now + lease, token)
+    redis.call("ZADD", slots_key(s), "XX", now + site_conf(s).lease, token)
   else
     redis.call("ZREM", slots_key(s), token)
     redis.call("HDEL", req_key(s), token)
@@ -287,8 +313,7 @@ if redis.call("ZSCORE", sk, token) then
   return "held"
 end
 reap(s, now)
-local limit = site_conf(s)
-if redis.call("ZCARD", sk) < limit then
+if redis.call("ZCARD", sk) < site_conf(s).limit then
   redis.call("ZADD", sk, ARGV[4], token)
   return "retaken"
 end
