@@ -39,7 +39,8 @@ local function site_conf(s)
 end
 
 -- Writes the caller's policy unless a more specific one written lately holds; rewrites an unchanged
--- one only once a minute (to keep its time fresh and the key alive), so admission mostly just reads.
+-- one only once a minute (to keep its time fresh, the key alive and the site among the known ones),
+-- so admission mostly just reads.
 local function configure(s, label, limit, rn, rms, prio, lease, now)
   local c = site_conf(s)
   limit, rn, rms, prio, lease = tonumber(limit), tonumber(rn), tonumber(rms), tonumber(prio), tonumber(lease)
@@ -51,8 +52,9 @@ local function configure(s, label, limit, rn, rms, prio, lease, now)
       "lease", lease)
     redis.call("PEXPIRE", site_key(s), 604800000)
     c.label, c.limit, c.rn, c.rms, c.prio, c.at, c.lease = label, limit, rn, rms, prio, now, lease
+    -- for the metrics: sites used lately (to the minute)
+    redis.call("ZADD", KNOWN, now, s)
   end
-  redis.call("ZADD", KNOWN, now, s)
 end
 
 -- Gives back slots whose lease ran out and whose request was never recorded; returns the expired
