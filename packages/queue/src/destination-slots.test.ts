@@ -133,20 +133,20 @@ describe("slots", () => {
     });
   });
 
-  it("holds a rate: one message per interval, the next granted when it is due", async () => {
+  it("holds a rate: one message per interval, two at most after a quiet time, the next granted when due", async () => {
     const { queue, slots, routed } = setup();
     const oneASecond: SitePolicy = { connections: 100, rate: { messages: 60, perMs: 60_000 }, priority: 0 };
-    const a = await routed();
-    const b = await routed();
-    const c = await routed();
+    const [a, b, c, d] = [await routed(), await routed(), await routed(), await routed()];
     expect((await slots.admit(site, oneASecond, "a", a.queueId, a.rids, T0)).status).toBe("ok");
-    expect((await slots.admit(site, oneASecond, "b", b.queueId, b.rids, T0 + 10)).status).toBe("wait");
+    expect((await slots.admit(site, oneASecond, "b", b.queueId, b.rids, T0 + 10)).status).toBe("ok");
     expect((await slots.admit(site, oneASecond, "c", c.queueId, c.rids, T0 + 20)).status).toBe("wait");
+    expect((await slots.admit(site, oneASecond, "d", d.queueId, d.rids, T0 + 30)).status).toBe("wait");
     const early = await slots.grantDue(T0 + 500);
     expect(early.granted).toBe(0);
     expect(early.nextAt).toBe(T0 + 1000);
-    expect(await slots.grantDue(T0 + 1000)).toMatchObject({ granted: 1, nextAt: T0 + 2000 });
-    expect((await queue.claim(T0 + 1000, 10, 60_000)).map((j) => j.queueId)).toEqual([b.queueId]);
+    // a late turn does not shift the next: due at T0 + 2000 all the same
+    expect(await slots.grantDue(T0 + 1300)).toMatchObject({ granted: 1, nextAt: T0 + 2000 });
+    expect((await queue.claim(T0 + 1300, 10, 60_000)).map((j) => j.queueId)).toEqual([c.queueId]);
     expect(await slots.grantDue(T0 + 1999)).toMatchObject({ granted: 0 });
     expect(await slots.grantDue(T0 + 2000)).toMatchObject({ granted: 1, nextAt: null });
   });

@@ -74,11 +74,19 @@ local function reap(s, now)
   return suspects
 end
 
--- whether a message may start now: the rate's next time reached (GCRA, no burst) and a slot free
--- (expired slots are only looked at when the site seems full)
+-- The rate (GCRA): messages are spaced by period / messages, with a tolerance of one interval, so a
+-- grant the admission loop makes a little late does not push every later one back (at most two may
+-- start at once after a quiet time). When the next message may start:
+local function rate_next(c)
+  if c.rn <= 0 then return 0 end
+  return c.tat - c.rms / c.rn
+end
+
+-- whether a message may start now: the rate allows it and a slot is free (expired slots are only
+-- looked at when the site seems full)
 local function can_start(s, now)
   local c = site_conf(s)
-  if c.rn > 0 and c.tat > now then return false end
+  if rate_next(c) > now then return false end
   local sk = slots_key(s)
   if redis.call("ZCARD", sk) < c.limit then return true end
   reap(s, now)
@@ -105,7 +113,7 @@ local function schedule_check(s, now)
   local sk = slots_key(s)
   local at = now
   if redis.call("ZCARD", sk) < c.limit then
-    if c.rn > 0 and c.tat > now then at = c.tat end
+    at = math.max(now, math.ceil(rate_next(c)))
   else
     local first = redis.call("ZRANGE", sk, 0, 0, "WITHSCORES")
     at = math.max(now, tonumber(first[2]) or now)
