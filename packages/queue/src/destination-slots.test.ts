@@ -124,6 +124,14 @@ describe("slots", () => {
     expect(new Set(jobs.map((j) => j.slot?.token)).size).toBe(1);
     expect(jobs[0]!.slot).toMatchObject({ site: site.id, token: expect.stringMatching(/^g\d+$/) });
     expect(jobs[0]).toMatchObject({ kind: "retry", queueId: sixth.queueId, recipient: { attempt: 1 } });
+    // the scheduler publishes them; a redelivered spool message (its router died before the ack)
+    // then admits nothing for them again
+    await queue.completeDispatched(jobs, T0 + 11, new Map(jobs.map((j) => [j.id, 7])));
+    expect(await slots.admit(site, five, "sixth", sixth.queueId, sixth.rids, T0 + 12)).toEqual({
+      status: "wait",
+      granted: 0,
+      waiting: 0,
+    });
     expect(await inUse()).toBe(5);
     // the seventh is still waiting
     expect((await slots.stats(10, T0)).find((s) => s.site === site.id)).toMatchObject({

@@ -181,11 +181,15 @@ if redis.call("ZSCORE", sk, token) then
   redis.call("ZADD", sk, now + site_conf(s).lease, token)
   return {"ok", "0"}
 end
--- recipients that wait already (or were granted a slot) are not admitted twice
+-- recipients that wait already, were granted a slot, or went out after a grant (their request is
+-- recorded) are not admitted twice: a spool message redelivered after a router died finds them so
 local q = ARGV[11]
 local todo = {}
 for i = 12, #ARGV do
-  if redis.call("EXISTS", jkey(q .. ":" .. ARGV[i])) == 0 then todo[#todo + 1] = ARGV[i] end
+  local id = q .. ":" .. ARGV[i]
+  if redis.call("EXISTS", jkey(id)) == 0 and redis.call("HEXISTS", DSEQ, id) == 0 then
+    todo[#todo + 1] = ARGV[i]
+  end
 end
 if #todo == 0 then return {"wait", "0", "0"} end
 local granted = 0
