@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # `npm run bench -- inbound|relay [--messages N] [--sessions S] [--size BYTES]`, or
-# `npm run bench -- compare inbound|relay [...]` (Postfix side by side, scripts/bench/compare.ts): throughput with
+# `npm run bench -- compare inbound|relay [...]` (Postfix side by side, scripts/bench/compare.ts), or
+# `npm run bench -- scale [...]` (delivery replicas 1, 2, 4, scripts/bench/scale.ts): throughput with
 # Postfix's smtp-source (and smtp-sink), installed from Debian's postfix package when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bootstrap.sh smtp-source
+if [ "${1:-}" = scale ]; then
+  shift
+  exec node scripts/bench/scale.ts "$@"
+fi
 if [ "${1:-}" = compare ]; then
   shift
   exec node scripts/bench/compare.ts "$@"

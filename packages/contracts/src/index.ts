@@ -23,7 +23,9 @@ export {
   QueueId,
   RecipientStatus,
   RemoteDeliveryRequest,
+  RequestSlot,
   ServiceName,
+  SlotRef,
   statusMsgId,
 } from "./messages.ts";
 export { isQueueId, newQueueId, QUEUE_ID_PATTERN, queueIdTime } from "./queue-id.ts";

@@ -91,6 +91,25 @@ export const MxHost = z.strictObject({
 });
 export type MxHost = z.infer<typeof MxHost>;
 
+/**
+ * A destination slot (cluster-wide destination limits): the site (a digest of the destination's MX
+ * host names) and the token the router took the slot under. A status names it to release it.
+ */
+export const SlotRef = z.strictObject({
+  site: z.string().regex(/^[0-9a-f]{16}$/, "must be a site id (16 hex digits)"),
+  token: z.string().min(1).max(300),
+});
+export type SlotRef = z.infer<typeof SlotRef>;
+
+/** The slot a request goes out with: the worker renews it while its transaction runs. */
+export const RequestSlot = SlotRef.extend({
+  /** when the slot's lease runs out (ms since the epoch) unless renewed */
+  until: z.number().int().positive(),
+  /** how long a renewal extends it (ms) */
+  leaseMs: z.number().int().positive(),
+});
+export type RequestSlot = z.infer<typeof RequestSlot>;
+
 /** `mail.v1.deliver.remote.<dest>`: one SMTP transaction's worth of recipients for one destination. */
 export const RemoteDeliveryRequest = z.strictObject({
   v: z.literal(1),
@@ -110,6 +129,8 @@ export const RemoteDeliveryRequest = z.strictObject({
   smtputf8: z.boolean(),
   bodyType: z.enum(["7BIT", "8BITMIME"]),
   body: BodyRef,
+  /** the destination slot the router took for this transaction (absent: no limit applies) */
+  slot: RequestSlot.optional(),
 });
 export type RemoteDeliveryRequest = z.infer<typeof RemoteDeliveryRequest>;
 
@@ -139,6 +160,8 @@ export const RecipientStatus = z.strictObject({
   /** the host that gave the reply (remote) or the mailbox path's owner (local) */
   remoteMta: z.string().max(300).optional(),
   destination: Domain.optional(),
+  /** the request's destination slot: the router releases it with this status */
+  slot: SlotRef.optional(),
 });
 export type RecipientStatus = z.infer<typeof RecipientStatus>;
 

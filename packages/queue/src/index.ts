@@ -1,3 +1,13 @@
+export {
+  type AdmitResult,
+  DestinationSlots,
+  type DestinationSlotsOptions,
+  type Site,
+  type SitePolicy,
+  type SiteStats,
+  type SuspectSlot,
+  siteOf,
+} from "./destination-slots.ts";
 export { DEFAULT_PREFIX, MailQueue, type MailQueueOptions, QueueDataError } from "./queue.ts";
 export type {
   ClaimedJob,
@@ -16,6 +26,8 @@ export type {
   RetryJob,
   ScheduledEntry,
   ScheduleResult,
+  SlotRef,
+  SlotRequest,
   SpoolLocation,
   StaleCandidate,
 } from "./types.ts";

@@ -31,6 +31,8 @@ import type {
   RetryJob,
   ScheduledEntry,
   ScheduleResult,
+  SlotRef,
+  SlotRequest,
   SpoolLocation,
   StaleCandidate,
 } from "./types.ts";
@@ -103,15 +105,23 @@ function parseRecipient(json: string): RecipientRecord {
   return r;
 }
 
-function finishResult([status, json, finalized, queued]: string[]): FinishResult {
-  if (status === "missing") return { status };
-  if (status === "stale") return { status, recipient: parseRecipient(json!) };
+/** FINISH_RECIPIENT's reply, or FINISH_BY_ADDRESS's with the slot release's grants at the end. */
+function finishResult([status, json, finalized, queued, granted]: string[]): FinishResult {
+  const slots = Number(granted) > 0 ? { granted: Number(granted) } : {};
+  if (status === "missing") return { status, ...slots };
+  if (status === "stale") return { status, recipient: parseRecipient(json!), ...slots };
   return {
     status: "ok",
     recipient: parseRecipient(json!),
     ...(finalized ? { finalized } : {}),
     dsnQueued: queued === "1",
+    ...slots,
   };
+}
+
+/** RECORD_DISPATCH's and COMPLETE_DISPATCHED's leading arguments: count, then site, token, request. */
+function slotArgs(slots: readonly SlotRequest[]): Arg[] {
+  return [slots.length, ...slots.flatMap((s) => [s.site, s.token, `${s.seq} ${s.dispatchId}`])];
 }
 
 function bySeq(list: RecipientRecord[]): RecipientRecord[] {
@@ -267,7 +277,9 @@ export class MailQueue {
 
   /**
    * finishRecipient for the recipient a worker's status names (as findRecipient finds it), in one
-   * round trip: a "delivered" status needs nothing else from the router.
+   * round trip: a "delivered" status needs nothing else from the router. With `slot`, the request's
+   * destination slot is released in the same script and handed to the site's wait list
+   * (`granted`: how many waiting groups got a slot and are due in the schedule now).
    */
   async finishByAddress(
     queueId: string,
@@ -276,7 +288,7 @@ export class MailQueue {
     expectedAttempt: number,
     state: FinalState,
     patch: OutcomePatch,
-    opts: { dsn: boolean; now?: number },
+    opts: { dsn: boolean; now?: number; slot?: SlotRef | undefined },
   ): Promise<FinishResult> {
     const reply = await this.redis.mpFinishByAddress(
       this.prefix,
@@ -290,6 +302,8 @@ export class MailQueue {
       opts.now ?? Date.now(),
       this.dsnBatchDelayMs,
       this.tombstoneTtlMs,
+      opts.slot?.site ?? "",
+      opts.slot?.token ?? "",
     );
     return finishResult(reply);
   }
@@ -381,6 +395,7 @@ export class MailQueue {
           ...(f.traceparent ? { traceparent: f.traceparent } : {}),
           ...(f.mark === "bounce" || f.mark === "drop" ? { mark: f.mark } : {}),
           ...(f.stale ? { stale: { dispatchedAt: iso(Number(f.stale)) } } : {}),
+          ...(f.slot && f.site ? { slot: { site: f.site, token: f.slot } } : {}),
         };
       }
       if (f.kind === "dsn" && (f.dsnKind === "failure" || f.dsnKind === "delay")) {
@@ -416,10 +431,20 @@ export class MailQueue {
    * Records the MAIL_DELIVER stream sequence of the request that just dispatched these recipients
    * of a message (first attempts; re-dispatches record it in completeDispatched), for the ones still
    * waiting for a result. The watchdog looks it up before dispatching a silent recipient again.
+   * `slots`: the destination slots these requests hold, and the request each one went out in.
    */
-  async recordDispatch(queueId: string, entries: readonly { rid: string; seq: number }[]): Promise<number> {
-    if (entries.length === 0) return 0;
-    return this.redis.mpRecordDispatch(this.prefix, queueId, ...entries.flatMap((e) => [e.rid, e.seq]));
+  async recordDispatch(
+    queueId: string,
+    entries: readonly { rid: string; seq: number }[],
+    slots: readonly SlotRequest[] = [],
+  ): Promise<number> {
+    if (entries.length === 0 && slots.length === 0) return 0;
+    return this.redis.mpRecordDispatch(
+      this.prefix,
+      queueId,
+      ...slotArgs(slots),
+      ...entries.flatMap((e) => [e.rid, e.seq]),
+    );
   }
 
   /**
@@ -506,17 +531,19 @@ export class MailQueue {
    * Completes retry jobs whose re-dispatch was acked (like complete()), and starts waiting for the
    * result of each recipient still pending on the attempt its job dispatched: from `now` on, the
    * watchdog (claimStale) counts its silence. `seqs` maps a job id to the MAIL_DELIVER stream
-   * sequence of the request it went out in.
+   * sequence of the request it went out in; `slots` as for recordDispatch().
    */
   async completeDispatched(
     jobs: readonly { id: string; lease: string }[],
     now = Date.now(),
     seqs: ReadonlyMap<string, number> = new Map(),
+    slots: readonly SlotRequest[] = [],
   ): Promise<number> {
     if (jobs.length === 0) return 0;
     return this.redis.mpCompleteDispatched(
       this.prefix,
       now,
+      ...slotArgs(slots),
       ...jobs.flatMap((j) => [j.id, j.lease, seqs.get(j.id) ?? ""]),
     );
   }

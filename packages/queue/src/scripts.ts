@@ -2,10 +2,14 @@
 // Key names are built inside the scripts from the prefix (ARGV[1]) because job and message ids are
 // only known there (claim); this is fine on a single Redis or Sentinel, not on Redis Cluster.
 //
+// Scripts that touch destination sites (slots, wait lists) include SITE from site-scripts.ts.
+//
 // Numbers that reach ZADD or PX are passed through as the caller's strings where possible: Lua 5.1
 // formats numbers with %.14g, which is exact for millisecond timestamps but not for everything.
 
-const COMMON = `
+import { SITE } from "./site-scripts.ts";
+
+export const COMMON = `
 local P = ARGV[1]
 local function mkey(q) return P .. "m:" .. q end
 local function rkey(q) return P .. "r:" .. q end
@@ -30,6 +34,9 @@ end
 -- also ends the recipient's wait for a worker's result: it is final now, or has a retry job
 local function drop_job(id)
   undispatch(id)
+  -- a recipient waiting for a destination slot leaves its site's wait list
+  local site = redis.call("HGET", jkey(id), "site")
+  if site then redis.call("ZREM", P .. "site:" .. site .. ":wait", id) end
   redis.call("ZREM", DUE, id)
   redis.call("ZREM", TASKS, id)
   redis.call("ZREM", LEASE, id)
@@ -137,15 +144,20 @@ return {"ok", encoded, fin or "", queued}
 `;
 
 /**
- * A worker's status in one round trip: the recipient found by the address the worker reported
- * (remote: `r:<address>`; local: `l:<mailbox>`, or the copy's address through the alias map), then
+ * A worker's status in one round trip: the request's destination slot is released (and passed on to
+ * the site's wait list), the recipient found by the address the worker reported (remote:
+ * `r:<address>`; local: `l:<mailbox>`, or the copy's address through the alias map), then
  * FINISH_RECIPIENT. ARGV: prefix, queueId, address, kind ("local" | "remote"), expectedAttempt, state,
- * patchJson, dsn, now, dsnBatchDelayMs, tombstoneTtlMs. Returns as FINISH_RECIPIENT.
+ * patchJson, dsn, now, dsnBatchDelayMs, tombstoneTtlMs, slotSite ("" for none), slotToken.
+ * Returns as FINISH_RECIPIENT, with one more element: how many waiting groups got the slot.
  */
-export const FINISH_BY_ADDRESS = `${COMMON}
+export const FINISH_BY_ADDRESS = `${COMMON}${SITE}
 local q, address, now = ARGV[2], ARGV[3], ARGV[9]
+local granted = 0
+if ARGV[12] and ARGV[12] ~= "" then granted = release(ARGV[12], ARGV[13], tonumber(now)) end
+granted = tostring(granted)
 local mk, rk = mkey(q), rkey(q)
-if redis.call("EXISTS", mk) == 0 then return {"missing"} end
+if redis.call("EXISTS", mk) == 0 then return {"missing", "", "", "0", granted} end
 local rid
 if ARGV[4] == "remote" then
   rid = "r:" .. address
@@ -154,11 +166,11 @@ elseif redis.call("HEXISTS", rk, "l:" .. address) == 1 then
 else
   rid = redis.call("HGET", akey(q), address)
 end
-if not rid then return {"missing"} end
+if not rid then return {"missing", "", "", "0", granted} end
 local raw = redis.call("HGET", rk, rid)
-if not raw then return {"missing"} end
+if not raw then return {"missing", "", "", "0", granted} end
 local r = cjson.decode(raw)
-if r.state ~= "pending" or tonumber(r.attempt) ~= tonumber(ARGV[5]) then return {"stale", raw} end
+if r.state ~= "pending" or tonumber(r.attempt) ~= tonumber(ARGV[5]) then return {"stale", raw, "", "0", granted} end
 r.state = ARGV[6]
 for field, value in pairs(cjson.decode(ARGV[7])) do r[field] = value end
 local encoded = cjson.encode(r)
@@ -172,7 +184,7 @@ if ARGV[8] == "1" and r.notifyFailure and redis.call("HGET", mk, "notices") == "
   queued = "1"
 end
 local fin = finalize(q, now, ARGV[11])
-return {"ok", encoded, fin or "", queued}
+return {"ok", encoded, fin or "", queued, granted}
 `;
 
 /**
@@ -267,15 +279,18 @@ return n
 `;
 
 /**
- * ARGV: prefix, now, id1, token1, seq1, id2, token2, seq2, ... Completes re-dispatched retry jobs still
- * held under those leases; a recipient still pending on the attempt its job dispatched then waits for a
- * result from now on (DISPATCHED), on the request stored at that stream sequence ("" = unknown).
- * Returns how many jobs were removed.
+ * ARGV: prefix, now, nSlots, [site, token, "<seq> <dispatchId>"] × nSlots, id1, token1, seq1, id2,
+ * token2, seq2, ... Records which request holds each destination slot, then completes re-dispatched
+ * retry jobs still held under those leases; a recipient still pending on the attempt its job
+ * dispatched then waits for a result from now on (DISPATCHED), on the request stored at that stream
+ * sequence ("" = unknown). Returns how many jobs were removed.
  */
-export const COMPLETE_DISPATCHED = `${COMMON}
+export const COMPLETE_DISPATCHED = `${COMMON}${SITE}
 local now = ARGV[2]
 local n = 0
-for i = 3, #ARGV, 3 do
+local first = 4 + 3 * tonumber(ARGV[3])
+for i = 4, first - 1, 3 do record_slot(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
+for i = first, #ARGV, 3 do
   local id, token, seq = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local jk = jkey(id)
   if redis.call("HGET", jk, "lease") == token then
@@ -351,14 +366,17 @@ return out
 `;
 
 /**
- * ARGV: prefix, queueId, rid1, seq1, rid2, seq2, ... Records the stream sequence of the request each
- * recipient was just dispatched in, for those still waiting for a result (a fast worker's status may
- * have finished the recipient already). Returns how many were recorded.
+ * ARGV: prefix, queueId, nSlots, [site, token, "<seq> <dispatchId>"] × nSlots, rid1, seq1, rid2, seq2,
+ * ... Records which request holds each destination slot (while it still does), and the stream
+ * sequence of the request each recipient was just dispatched in, for those still waiting for a result
+ * (a fast worker's status may have finished the recipient already). Returns how many were recorded.
  */
-export const RECORD_DISPATCH = `${COMMON}
+export const RECORD_DISPATCH = `${COMMON}${SITE}
 local q = ARGV[2]
 local n = 0
-for i = 3, #ARGV, 2 do
+local first = 4 + 3 * tonumber(ARGV[3])
+for i = 4, first - 1, 3 do record_slot(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
+for i = first, #ARGV, 2 do
   local id = q .. ":" .. ARGV[i]
   if redis.call("ZSCORE", DISPATCHED, id) then
     redis.call("HSET", DSEQ, id, ARGV[i + 1])
@@ -421,6 +439,9 @@ local id = ARGV[2]
 local jk = jkey(id)
 if redis.call("HGET", jk, "kind") ~= "retry" then return "not-found" end
 if redis.call("ZSCORE", LEASE, id) then return "in-flight" end
+-- a recipient waiting for a destination slot leaves the wait list: the mark is acted on now
+local site = redis.call("HGET", jk, "site")
+if site then redis.call("ZREM", P .. "site:" .. site .. ":wait", id) end
 redis.call("HSET", jk, "mark", ARGV[3])
 redis.call("ZADD", DUE, ARGV[4], id)
 return "marked"

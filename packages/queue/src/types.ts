@@ -85,7 +85,7 @@ export interface OutcomePatch {
   lastAttemptAt: string;
 }
 
-export type FinishResult =
+export type FinishResult = (
   | { status: "missing" }
   | { status: "stale"; recipient: RecipientRecord }
   | {
@@ -95,7 +95,11 @@ export type FinishResult =
       finalized?: string;
       /** a failure DSN will report this recipient */
       dsnQueued: boolean;
-    };
+    }
+) & {
+  /** finishByAddress with a slot: waiting groups that got the released slot (due in the schedule now) */
+  granted?: number;
+};
 
 export type ScheduleResult =
   | { status: "missing" }
@@ -108,6 +112,19 @@ interface Leased {
   /** the lease's token: complete() only removes the job while this lease holds it */
   lease: string;
   queueId: string;
+}
+
+/** A destination slot: the site (hash of its MX hosts) and the token that holds it. */
+export interface SlotRef {
+  site: string;
+  token: string;
+}
+
+/** A slot and the request that went out with it (recorded so an expired lease can be checked). */
+export interface SlotRequest extends SlotRef {
+  /** the request's MAIL_DELIVER stream sequence and dispatch id (its Nats-Msg-Id) */
+  seq: number;
+  dispatchId: string;
 }
 
 export interface RetryJob extends Leased {
@@ -123,6 +140,11 @@ export interface RetryJob extends Leased {
    * time and never reported; `recipient.attempt` is already the next one
    */
   stale?: { dispatchedAt: string };
+  /**
+   * set when the job waited for a destination slot and was granted one: the slot is held for it
+   * (a lease), and its re-dispatch goes out with it
+   */
+  slot?: SlotRef;
 }
 
 export interface DsnJob extends Leased {

@@ -1,4 +1,5 @@
 export { attr } from "./attributes.ts";
+export { boundedLabel, OTHER_LABEL } from "./bounded-label.ts";
 export { contextWithQueueId, currentQueueId, currentTraceId, withQueueId } from "./context.ts";
 export { createLogger, type Logger, type LoggerOptions } from "./logger.ts";
 export { type Counter, type Gauge, type Histogram, Metrics } from "./metrics.ts";

@@ -116,6 +116,24 @@ describe("startSmtpPeer", () => {
     expect(Date.now() - stopping).toBeLessThan(1_000);
   });
 
+  it("counts the sessions in a transaction at once, and the connections open at once", async () => {
+    const p = await peer({ script: { data: { delayMs: 300 } } });
+    await Promise.all([send(p), send(p), send(p)]);
+    expect(p.maxActiveTransactions).toBe(3);
+    expect(p.maxOpenConnections).toBe(3);
+    expect(p.activeTransactions).toBe(0);
+    // one after the other on one kept connection: never more than one at once
+    const one = await peer();
+    const t = transport(one, { pool: true, maxConnections: 1 });
+    for (let i = 0; i < 3; i++) {
+      await t.sendMail({ envelope: { from: "alice@origin.test", to: ["bob@dest.test"] }, raw: RAW });
+    }
+    t.close();
+    expect(one.maxActiveTransactions).toBe(1);
+    expect(one.maxOpenConnections).toBe(1);
+    expect(one.messages).toHaveLength(3);
+  });
+
   it("delays a reply and then applies the next action", async () => {
     const p = await peer({
       script: { rcpt: { delayMs: 300, next: { reply: 452, text: "4.2.2 Mailbox full" } } },

@@ -84,6 +84,15 @@ export interface SmtpPeer {
   readonly connections: number;
   /** MAIL commands seen so far. */
   readonly transactions: number;
+  /** TCP connections open now, and the most that were open at once. */
+  readonly openConnections: number;
+  readonly maxOpenConnections: number;
+  /**
+   * Sessions in a transaction now (from MAIL until the reply to the end of data, or the session's
+   * end), and the most there were at once: what a remote server counts as concurrent deliveries.
+   */
+  readonly activeTransactions: number;
+  readonly maxActiveTransactions: number;
   /** PEM certificate offered with STARTTLS, if any. */
   cert: string | undefined;
   /** Resolves once `n` messages were accepted; throws after `timeoutMs` (default 10 000). */
@@ -118,6 +127,8 @@ function replyError(code: number, text: string): Error {
 interface SessionState {
   connection: number;
   transaction: number;
+  /** between MAIL and the reply to the end of data */
+  active?: boolean;
 }
 
 export async function startSmtpPeer(options: StartSmtpPeerOptions = {}): Promise<SmtpPeer> {
@@ -130,6 +141,10 @@ export async function startSmtpPeer(options: StartSmtpPeerOptions = {}): Promise
   const sessions = new Map<string, SessionState>();
   const waiters = new Set<() => void>();
   let connections = 0;
+  let openConnections = 0;
+  let maxOpenConnections = 0;
+  let activeTransactions = 0;
+  let maxActiveTransactions = 0;
   let sessionsStarted = 0;
   let transactions = 0;
   let stopping = false;
@@ -198,6 +213,18 @@ export async function startSmtpPeer(options: StartSmtpPeerOptions = {}): Promise
       );
   };
 
+  const transactionStarts = (s: SessionState) => {
+    if (s.active) return;
+    s.active = true;
+    activeTransactions++;
+    maxActiveTransactions = Math.max(maxActiveTransactions, activeTransactions);
+  };
+  const transactionEnds = (s: SessionState | undefined) => {
+    if (!s?.active) return;
+    s.active = false;
+    activeTransactions--;
+  };
+
   const callbackOutcome = (callback: (err?: Error | null) => void) => (outcome: Outcome) => {
     callback(outcome.accept ? null : replyError(outcome.code, outcome.text));
   };
@@ -223,10 +250,15 @@ export async function startSmtpPeer(options: StartSmtpPeerOptions = {}): Promise
     },
 
     onMailFrom(address, session, callback) {
-      state(session).transaction = transactions++;
+      const s = state(session);
+      s.transaction = transactions++;
+      transactionStarts(s);
       const ctx = context("mail", session);
       ctx.envelope = { mailFrom: address.address, rcptTo: [] };
-      decide(ctx, callbackOutcome(callback));
+      decide(ctx, (outcome) => {
+        if (!outcome.accept) transactionEnds(s);
+        callbackOutcome(callback)(outcome);
+      });
     },
 
     onRcptTo(address, session, callback) {
@@ -246,6 +278,7 @@ export async function startSmtpPeer(options: StartSmtpPeerOptions = {}): Promise
           return;
         }
         decide({ ...ctx, message: raw }, (outcome) => {
+          transactionEnds(sessions.get(session.id));
           if (!outcome.accept) return callback(replyError(outcome.code, outcome.text));
           messages.push({
             mailFrom: ctx.envelope.mailFrom ?? "",
@@ -264,6 +297,7 @@ export async function startSmtpPeer(options: StartSmtpPeerOptions = {}): Promise
     },
 
     onClose(session) {
+      transactionEnds(sessions.get(session.id));
       sessions.delete(session.id);
     },
   });
@@ -294,8 +328,13 @@ export async function startSmtpPeer(options: StartSmtpPeerOptions = {}): Promise
   server.on("error", () => undefined);
   server.server.on("connection", (socket: net.Socket) => {
     connections++;
+    openConnections++;
+    maxOpenConnections = Math.max(maxOpenConnections, openConnections);
     sockets.add(socket);
-    socket.once("close", () => sockets.delete(socket));
+    socket.once("close", () => {
+      sockets.delete(socket);
+      openConnections--;
+    });
   });
 
   await new Promise<void>((resolve, reject) => {
@@ -319,6 +358,18 @@ export async function startSmtpPeer(options: StartSmtpPeerOptions = {}): Promise
     },
     get transactions() {
       return transactions;
+    },
+    get openConnections() {
+      return openConnections;
+    },
+    get maxOpenConnections() {
+      return maxOpenConnections;
+    },
+    get activeTransactions() {
+      return activeTransactions;
+    },
+    get maxActiveTransactions() {
+      return maxActiveTransactions;
     },
     cert: tls?.cert,
     waitForMessages(n, timeoutMs = 10_000) {

@@ -4,12 +4,21 @@
 //
 //   node services/delivery/bench/throughput.ts --peer sink            # Postfix smtp-sink (C)
 //   node services/delivery/bench/throughput.ts --peer slow            # a peer taking 200 ms per message
-//   options: --messages 2000 --concurrency 100 --destination-concurrency 100 --reuse true
+//   options: --messages 2000 --concurrency 100 --reuse true
+// Requests are published straight to MAIL_DELIVER, without a destination slot: the router's
+// destination limits are not in this figure (`npm run bench -- scale` has them).
 import { spawn } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import type { Bus } from "@mailpipe/bus";
-import { freePort, type SmtpPeer, startNats, startService, startSmtpPeer } from "@mailpipe/testing";
+import {
+  freePort,
+  type SmtpPeer,
+  startNats,
+  startRedis,
+  startService,
+  startSmtpPeer,
+} from "@mailpipe/testing";
 import { collectStatuses, connectBus, message, mx, publishRequest, resetBus } from "../test/helpers.ts";
 
 const { values } = parseArgs({
@@ -17,7 +26,6 @@ const { values } = parseArgs({
     messages: { type: "string", default: "2000" },
     peer: { type: "string", default: "sink" },
     concurrency: { type: "string", default: "100" },
-    "destination-concurrency": { type: "string", default: "100" },
     reuse: { type: "string", default: "true" },
     "slow-ms": { type: "string", default: "200" },
     /** write a V8 CPU profile of the worker into this directory */
@@ -61,6 +69,8 @@ async function startPeer(port: number): Promise<{ stop(): Promise<void>; describ
 }
 
 const nats = await startNats();
+// the worker connects to Redis for destination slots (these requests carry none)
+const redis = await startRedis();
 const bus: Bus = await connectBus(nats.url);
 await resetBus(bus);
 const port = await freePort(HOST);
@@ -88,11 +98,11 @@ const worker = await startService("delivery", {
   ...(values.profile ? { nodeArgs: ["--cpu-prof", `--cpu-prof-dir=${values.profile}`] } : {}),
   env: {
     NATS_URL: nats.url,
+    REDIS_URL: redis.url,
     MAIL_HOSTNAME: "bench.sender.test",
     SMTP_REMOTE_PORT: String(port),
     SMTP_BLOCK_LOCAL_ADDRESSES: "false",
     DELIVERY_CONCURRENCY: values.concurrency,
-    DESTINATION_CONCURRENCY: values["destination-concurrency"],
     SMTP_REUSE_CONNECTIONS: values.reuse,
     LOG_LEVEL: "info",
   },
@@ -131,7 +141,6 @@ console.log(
       delivered,
       other: all.length - delivered,
       workerConcurrency: Number(values.concurrency),
-      destinationConcurrency: Number(values["destination-concurrency"]),
       seconds: Number(seconds.toFixed(2)),
       messagesPerSecond: Math.round(N / seconds),
       // includes the worker's start-up (about 1 CPU-second of module loading)
@@ -139,7 +148,6 @@ console.log(
       loadAverage: (await import("node:os")).loadavg()[0]?.toFixed(1),
       connectionsNew: sample("delivery_connections_total", 'reused="false"'),
       connectionsReused: sample("delivery_connections_total", 'reused="true"'),
-      destinationBusy: sample("delivery_destination_busy_total", ""),
       queuedInSeconds: Number(queuedIn.toFixed(2)),
     },
     null,
@@ -152,4 +160,5 @@ await statuses.stop();
 await bus.close();
 await peer.stop();
 await nats.stop();
+await redis.stop();
 process.exit(0);

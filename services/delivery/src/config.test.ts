@@ -8,8 +8,6 @@ describe("delivery config", () => {
     expect(c).toMatchObject({
       SMTP_REMOTE_PORT: 25,
       DELIVERY_CONCURRENCY: 100,
-      DESTINATION_CONCURRENCY: 20,
-      DESTINATION_WAIT: 1000,
       DESTINATION_BUSY_DELAY: 2000,
       SMTP_CONNECT_TIMEOUT: 30_000,
       SMTP_GREETING_TIMEOUT: 300_000,

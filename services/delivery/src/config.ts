@@ -14,11 +14,10 @@ export const config = baseConfig.extend({
   SMTP_REMOTE_PORT: port(25),
   /** SMTP transactions at once in this process */
   DELIVERY_CONCURRENCY: count(100, 10_000),
-  /** transactions at once to one destination domain, in this process (Postfix's default is 20 too) */
-  DESTINATION_CONCURRENCY: count(20, 10_000),
-  /** how long a request for a full destination waits for a slot before it goes back to JetStream */
-  DESTINATION_WAIT: duration("1s"),
-  /** a request for a saturated destination goes back to JetStream for this long (±20%) */
+  /**
+   * a request whose destination slot's lease ran out before it started, at a site that is full
+   * meanwhile, goes back to JetStream for this long (±20%); the router sets the limits
+   */
   DESTINATION_BUSY_DELAY: positive("2s"),
   /** TCP connect, per address */
   SMTP_CONNECT_TIMEOUT: positive("30s"),

@@ -225,7 +225,7 @@ describe("the SMTP dialogue", () => {
       port,
       peers: [peer],
     } = await peers(["127.0.0.2"]);
-    await worker(port, { SMTP_MAX_MESSAGES_PER_CONNECTION: "3", DESTINATION_CONCURRENCY: "1" });
+    await worker(port, { SMTP_MAX_MESSAGES_PER_CONNECTION: "3", DELIVERY_CONCURRENCY: "1" });
     const seen = await statuses();
     for (let i = 0; i < 9; i++) {
       await publishRequest(admin, {
@@ -245,7 +245,7 @@ describe("the SMTP dialogue", () => {
       port,
       peers: [peer],
     } = await peers(["127.0.0.2"]);
-    await worker(port, { SMTP_REUSE_CONNECTIONS: "false", DESTINATION_CONCURRENCY: "1" });
+    await worker(port, { SMTP_REUSE_CONNECTIONS: "false", DELIVERY_CONCURRENCY: "1" });
     const seen = await statuses();
     for (let i = 0; i < 3; i++) {
       await publishRequest(admin, {

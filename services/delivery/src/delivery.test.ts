@@ -402,7 +402,7 @@ describe("delivery", () => {
       port,
       peers: [peer],
     } = await peers(["127.0.0.2"], () => ({ starttls: true }));
-    const { telemetry } = await worker(port, { DESTINATION_CONCURRENCY: "4" });
+    const { telemetry } = await worker(port, { DELIVERY_CONCURRENCY: "4" });
     const seen = await statuses();
     for (let i = 0; i < 20; i++) {
       await publishRequest(admin, {

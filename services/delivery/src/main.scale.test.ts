@@ -2,9 +2,11 @@
 import type { Bus } from "@mailpipe/bus";
 import {
   type NatsHandle,
+  type ServerHandle,
   type ServiceHandle,
   sequence,
   startNats,
+  startRedis,
   startService,
   waitFor,
 } from "@mailpipe/testing";
@@ -20,16 +22,20 @@ import {
 } from "../test/helpers.ts";
 
 let nats: NatsHandle;
+let redis: ServerHandle;
 let admin: Bus;
 const cleanups: (() => Promise<unknown>)[] = [];
 
 beforeAll(async () => {
   nats = await startNats();
+  // the workers keep their destination slots there
+  redis = await startRedis();
   admin = await connectBus(nats.url);
 });
 afterAll(async () => {
   await admin?.close();
   await nats?.stop();
+  await redis?.stop();
 });
 afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c().catch(() => {});
@@ -42,10 +48,10 @@ async function startWorkers(names: string[], port: number, env: Record<string, s
       startService("delivery", {
         env: {
           NATS_URL: nats.url,
+          REDIS_URL: redis.url,
           MAIL_HOSTNAME: name,
           SMTP_REMOTE_PORT: String(port),
           SMTP_BLOCK_LOCAL_ADDRESSES: "false",
-          DESTINATION_BUSY_DELAY: "200ms",
           SHUTDOWN_TIMEOUT: "10s",
           LOG_LEVEL: "info",
           ...env,

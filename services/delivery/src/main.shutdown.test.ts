@@ -1,20 +1,31 @@
 // SIGTERM: the transaction in flight finishes and is reported, then pooled sessions get QUIT.
 import type { Bus } from "@mailpipe/bus";
-import { type NatsHandle, startNats, startService, waitFor } from "@mailpipe/testing";
+import {
+  type NatsHandle,
+  type ServerHandle,
+  startNats,
+  startRedis,
+  startService,
+  waitFor,
+} from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { collectStatuses, connectBus, message, mx, publishRequest, rawSmtpServer } from "../test/helpers.ts";
 
 let nats: NatsHandle;
+let redis: ServerHandle;
 let admin: Bus;
 const cleanups: (() => Promise<unknown>)[] = [];
 
 beforeAll(async () => {
   nats = await startNats();
+  // the workers keep their destination slots there
+  redis = await startRedis();
   admin = await connectBus(nats.url);
 });
 afterAll(async () => {
   await admin?.close();
   await nats?.stop();
+  await redis?.stop();
 });
 afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c().catch(() => {});
@@ -27,6 +38,7 @@ describe("delivery shutdown", () => {
     const svc = await startService("delivery", {
       env: {
         NATS_URL: nats.url,
+        REDIS_URL: redis.url,
         MAIL_HOSTNAME: "out.sender.test",
         SMTP_REMOTE_PORT: String(raw.port),
         SMTP_BLOCK_LOCAL_ADDRESSES: "false",

@@ -5,8 +5,10 @@ import { startDelivery } from "./service.ts";
 await runService({
   name: "delivery",
   config,
-  async start({ config, bus, telemetry }) {
-    const delivery = await startDelivery({ config, bus, telemetry });
+  // the cluster-wide destination slots: checked when a request arrives late, renewed while it runs
+  redis: true,
+  async start({ config, bus, telemetry, redis }) {
+    const delivery = await startDelivery({ config, bus, telemetry, redis });
     return () => delivery.stop();
   },
 });

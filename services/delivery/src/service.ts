@@ -1,6 +1,8 @@
 import type { Bus } from "@mailpipe/bus";
 import { RemoteDeliveryRequest } from "@mailpipe/contracts";
+import { DestinationSlots } from "@mailpipe/queue";
 import type { Telemetry } from "@mailpipe/telemetry";
+import type { Redis } from "ioredis";
 import type { Config } from "./config.ts";
 import { createWorker, type DeliveryWorker } from "./worker.ts";
 
@@ -19,16 +21,20 @@ export async function startDelivery({
   bus,
   telemetry,
   workerId,
+  redis,
 }: {
   config: Config;
   bus: Bus;
   telemetry: Telemetry;
   workerId?: string;
+  /** where the router keeps the destination slots (the worker renews and checks them) */
+  redis?: Redis | undefined;
 }): Promise<RunningDelivery> {
   const worker = createWorker({
     config,
     bus,
     bodies: await bus.bodies(),
+    ...(redis ? { slots: new DestinationSlots(redis) } : {}),
     telemetry,
     ...(workerId ? { workerId } : {}),
   });
@@ -41,11 +47,22 @@ export async function startDelivery({
     {
       worker: worker.workerId,
       concurrency: config.DELIVERY_CONCURRENCY,
-      destinationConcurrency: config.DESTINATION_CONCURRENCY,
       port: config.SMTP_REMOTE_PORT,
     },
     "consuming delivery requests",
   );
+  const obsolete = ["DESTINATION_CONCURRENCY", "DESTINATION_WAIT"].filter(
+    (n) => process.env[n] !== undefined,
+  );
+  if (obsolete.length > 0) {
+    telemetry.log.warn(
+      { variables: obsolete },
+      "no longer read: destination limits are cluster-wide now, set on the router (DESTINATION_CONNECTIONS, DESTINATION_RATE, DESTINATION_LIMITS)",
+    );
+  }
+  if (!redis) {
+    telemetry.log.warn("no Redis: destination slots are neither checked nor renewed by this worker");
+  }
   if (!config.SMTP_BLOCK_LOCAL_ADDRESSES) {
     telemetry.log.warn(
       "SMTP_BLOCK_LOCAL_ADDRESSES=false: MX records may point this worker at internal hosts",

@@ -8,10 +8,11 @@ import {
   statusMsgId,
   subjects,
 } from "@mailpipe/contracts";
-import { attr, inSpan, SpanKind, type Telemetry } from "@mailpipe/telemetry";
+import type { DestinationSlots } from "@mailpipe/queue";
+import { attr, boundedLabel, inSpan, OTHER_LABEL, SpanKind, type Telemetry } from "@mailpipe/telemetry";
 import type { Config } from "./config.ts";
 import { Connector } from "./connector.ts";
-import { DestinationLimiter, jitter } from "./destination-limiter.ts";
+import { jitter, slotKeeper } from "./destination-slot.ts";
 import { type RecipientResult, runTransaction } from "./transaction.ts";
 
 /** Header on every status this service publishes: which worker (MAIL_HOSTNAME/pid) made it. */
@@ -28,9 +29,7 @@ export interface WorkerDeps {
     | "MAIL_HOSTNAME"
     | "SMTP_REMOTE_PORT"
     | "DELIVERY_CONCURRENCY"
-    | "DESTINATION_CONCURRENCY"
     | "DESTINATION_BUSY_DELAY"
-    | "DESTINATION_WAIT"
     | "SMTP_CONNECT_TIMEOUT"
     | "SMTP_GREETING_TIMEOUT"
     | "SMTP_COMMAND_TIMEOUT"
@@ -47,6 +46,8 @@ export interface WorkerDeps {
   >;
   bus: Pick<Bus, "publish" | "emit">;
   bodies: Pick<BodyStore, "read">;
+  /** the cluster-wide destination slots (Redis); without them requests run with no limit check */
+  slots?: Pick<DestinationSlots, "renew">;
   telemetry: Telemetry;
   /** this worker in logs and statuses; default `MAIL_HOSTNAME/pid` */
   workerId?: string;
@@ -56,30 +57,13 @@ export interface DeliveryWorker {
   readonly workerId: string;
   /** the bus handler: one SMTP transaction, one status per recipient, then ack */
   handle(request: RemoteDeliveryRequest, ctx?: Pick<HandlerContext, "attachment">): Promise<Outcome | void>;
-  /** transactions in flight to `domain` in this worker */
-  inFlight(domain: string): number;
   readonly connector: Connector;
   /** QUITs the pooled sessions; call after the subscription stopped */
   close(): Promise<void>;
 }
 
 /** The label value for `destination="other"`: every destination past METRICS_MAX_DESTINATIONS. */
-export const OTHER_DESTINATION = "other";
-
-/**
- * The first `max` distinct values keep their own label value and later ones share `other`: a
- * label per recipient domain would add a time series per domain ever seen, for the life of the
- * process (and of every Prometheus that scrapes it).
- */
-export function boundedLabel(max: number): (value: string) => string {
-  const seen = new Set<string>();
-  return (value) => {
-    if (seen.has(value)) return value;
-    if (seen.size >= max) return OTHER_DESTINATION;
-    seen.add(value);
-    return value;
-  };
-}
+export const OTHER_DESTINATION = OTHER_LABEL;
 
 export function createWorker(deps: WorkerDeps): DeliveryWorker {
   const { config, bus, bodies, telemetry } = deps;
@@ -104,7 +88,7 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
   );
   const busy = metrics.counter(
     "delivery_destination_busy_total",
-    "Requests sent back to JetStream because their destination was at DESTINATION_CONCURRENCY",
+    "Requests sent back to JetStream because their destination slot's lease had run out and the site was full",
   );
 
   const connector = new Connector({
@@ -132,10 +116,8 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
   metrics.gauge("delivery_pooled_connections", "Idle SMTP sessions kept for reuse", [], function () {
     this.set(connector.pool.idleCount);
   });
-  // Any number may wait for a destination's slot, each for at most DESTINATION_WAIT: a fast
-  // destination serves them within milliseconds, a hung one sends them back to JetStream within
-  // that time, freeing the worker's slots for the other destinations.
-  const limiter = new DestinationLimiter(config.DESTINATION_CONCURRENCY, config.DELIVERY_CONCURRENCY);
+  // the router admits requests to their destination (a slot per transaction); this only keeps the slot
+  const keeper = slotKeeper(deps.slots, log);
   const unreported = new Map<string, { results: RecipientResult[]; at: number }>();
   const txDeps = {
     connector,
@@ -159,6 +141,8 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
       at,
       destination: request.destination.domain,
       ...(r.remoteMta ? { remoteMta: r.remoteMta } : {}),
+      // the router releases the request's destination slot with its status
+      ...(request.slot ? { slot: { site: request.slot.site, token: request.slot.token } } : {}),
     };
     for (let i = 0; ; i++) {
       try {
@@ -229,10 +213,11 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
     }
 
     const destination = request.destination.domain;
-    if (!(await limiter.acquire(destination, config.DESTINATION_WAIT))) {
+    if (!(await keeper.enter(request.slot))) {
       busy.inc();
-      return outcome.retry(jitter(config.DESTINATION_BUSY_DELAY), "destination busy");
+      return outcome.retry(jitter(config.DESTINATION_BUSY_DELAY), "destination slot lost");
     }
+    const held = keeper.hold(request.slot);
     let results: RecipientResult[];
     const started = performance.now();
     try {
@@ -283,7 +268,7 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
         },
       );
     } finally {
-      limiter.release(destination);
+      held();
       transactionSeconds.observe((performance.now() - started) / 1000);
     }
     await report(request, results);
@@ -292,7 +277,6 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
   return {
     workerId,
     handle,
-    inFlight: (domain) => limiter.inFlight(domain),
     connector,
     close: () => connector.close(),
   };

@@ -2,6 +2,7 @@ import { directoryFileSetting } from "@mailpipe/directory";
 import { dnsServersSetting } from "@mailpipe/dns";
 import { baseConfig, duration, durationList } from "@mailpipe/service-kit";
 import { z } from "zod";
+import { limitsSetting, rateSetting } from "./destination-limits.ts";
 
 /** router's environment (README.md lists every variable with its default). */
 export const config = baseConfig.extend({
@@ -30,5 +31,18 @@ export const config = baseConfig.extend({
   DSN_BATCH_DELAY: duration("2s"),
   /** separates a local part from its +tag; empty turns plus-addressing off */
   PLUS_SEPARATOR: z.string().max(4).default("+"),
+  /** SMTP transactions in flight at once to one destination site, across every delivery worker */
+  DESTINATION_CONNECTIONS: z.coerce.number().int().min(1).max(100_000).default(20),
+  /** messages per period to one destination site (`300/min`); empty: no rate limit */
+  DESTINATION_RATE: rateSetting(""),
+  /** per-destination overrides (YAML or JSON): `gmail.com: { connections: 20, rate: 300/min }` */
+  DESTINATION_LIMITS: limitsSetting(),
+  /**
+   * a destination slot not renewed for this long is looked at again: given back when its request is
+   * no longer in MAIL_DELIVER (a router or worker died), kept while it is
+   */
+  DESTINATION_SLOT_LEASE: duration("60s").refine((ms) => ms >= 1000, { message: "must be 1s or longer" }),
+  /** destination sites with their own `site` label on the destination metrics; later ones are "other" */
+  METRICS_MAX_DESTINATIONS: z.coerce.number().int().min(0).max(100_000).default(200),
 });
 export type Config = z.infer<typeof config>;

@@ -3,6 +3,7 @@ import type { Directory } from "@mailpipe/directory";
 import type { DnsResolver } from "@mailpipe/dns";
 import type { MailQueue } from "@mailpipe/queue";
 import type { Telemetry } from "@mailpipe/telemetry";
+import type { Admission } from "./admission.ts";
 import type { Config } from "./config.ts";
 import type { RouterMetrics } from "./metrics.ts";
 import type { RetryPolicy } from "./retry-policy.ts";
@@ -19,5 +20,7 @@ export interface RouterContext {
   resolver: DnsResolver;
   metrics: RouterMetrics;
   policy: RetryPolicy;
+  /** destination slots and wait lists (cluster-wide destination limits) */
+  admission: Admission;
   now: () => number;
 }

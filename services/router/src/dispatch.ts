@@ -6,6 +6,7 @@ import {
   LocalDeliveryRequest,
   type MxHost,
   RemoteDeliveryRequest,
+  type RequestSlot,
   subjects,
 } from "@mailpipe/contracts";
 import { type MailHosts, resolveMailHosts } from "@mailpipe/dns";
@@ -41,6 +42,17 @@ export interface Published {
   /** the stream sequence from JetStream's ack (a deduplicated publish names the stored original) */
   seq: number;
   rids: string[];
+  /** the destination slot the request went out with (remote requests) */
+  slot?: RequestSlot;
+}
+
+/** The destination slots the published requests hold, and the request each one went out in. */
+export function publishedSlots(
+  published: readonly Published[],
+): { site: string; token: string; seq: number; dispatchId: string }[] {
+  return published.flatMap((p) =>
+    p.slot ? [{ site: p.slot.site, token: p.slot.token, seq: p.seq, dispatchId: p.dispatchId }] : [],
+  );
 }
 
 /** rid → the stream sequence of the request it went out in, as the queue records it. */
@@ -137,14 +149,21 @@ export async function publishLocal(
   return out;
 }
 
-/** Publishes remote requests for one destination, one per chunk of recipients. */
+/**
+ * Publishes remote requests for one destination, one per chunk of recipients. With `admit`, each
+ * chunk first needs a destination slot: a chunk that gets none is not published (its recipients now
+ * wait for one in the schedule) and is missing from the result.
+ */
 export async function publishRemote(
   ctx: RouterContext,
   msg: DispatchMessage,
   domain: string,
   hosts: MxHost[],
   recipients: readonly RecipientRecord[],
-  opts: { retry: boolean },
+  opts: {
+    retry: boolean;
+    admit?: (dispatchId: string, part: RecipientRecord[]) => Promise<RequestSlot | null>;
+  },
 ): Promise<Published[]> {
   const out: Published[] = [];
   const dest = destinationToken(domain);
@@ -154,6 +173,8 @@ export async function publishRemote(
       chunk: i,
       ...(opts.retry ? { recipients: part.map((r) => r.rid) } : {}),
     });
+    const slot = opts.admit ? await opts.admit(id, part) : undefined;
+    if (slot === null) continue;
     const request: RemoteDeliveryRequest = {
       v: 1,
       queueId: msg.queueId,
@@ -169,12 +190,13 @@ export async function publishRemote(
       smtputf8: msg.smtputf8,
       bodyType: msg.bodyType,
       body: msg.body,
+      ...(slot ? { slot } : {}),
     };
     const ack = await ctx.bus.publish(subjects.deliverRemote(domain), RemoteDeliveryRequest, request, {
       msgId: id,
       ...attach(msg),
     });
-    out.push({ dispatchId: id, seq: ack.seq, rids: part.map((r) => r.rid) });
+    out.push({ dispatchId: id, seq: ack.seq, rids: part.map((r) => r.rid), ...(slot ? { slot } : {}) });
   }
   return out;
 }

@@ -8,6 +8,7 @@ import {
   type DispatchMessage,
   dispatchSeqs,
   lookupMailHosts,
+  publishedSlots,
   publishLocal,
   publishRemote,
   toMxHosts,
@@ -186,21 +187,44 @@ async function routeDomain(
   const at = new Date(ctx.now()).toISOString();
   if (hosts.kind === "hosts") {
     const at = new Date().toISOString(); // before the publish: delivery may report first
-    const published = await publishRemote(ctx, msg, domain, toMxHosts(hosts), rcpts, { retry: false });
-    // the watchdog looks the request up by this before it dispatches a silent recipient again
-    await ctx.queue.recordDispatch(msg.queueId, dispatchSeqs(published));
-    ctx.metrics.routed.inc({ kind: "remote" }, rcpts.length);
-    ctx.bus.emit({
-      type: "routed",
-      at,
-      queueId: msg.queueId,
-      recipients: rcpts.map((r) => r.address),
-      destination: domain,
-      attempt: 1,
-      detail: `remote delivery via ${hosts.hosts.map((h) => h.exchange).join(", ")} (${published
-        .map((p) => p.dispatchId)
-        .join(", ")})`,
+    const mxHosts = toMxHosts(hosts);
+    const dest = ctx.admission.destination(domain, mxHosts);
+    const published = await publishRemote(ctx, msg, domain, mxHosts, rcpts, {
+      retry: false,
+      admit: (id, part) => ctx.admission.admitFirst(dest, id, msg.queueId, part),
     });
+    // the watchdog looks the request up by this before it dispatches a silent recipient again, and
+    // the admission loop before it gives back a slot whose lease ran out
+    await ctx.queue.recordDispatch(msg.queueId, dispatchSeqs(published), publishedSlots(published));
+    ctx.metrics.routed.inc({ kind: "remote" }, rcpts.length);
+    const sent = new Set(published.flatMap((p) => p.rids));
+    const going = rcpts.filter((r) => sent.has(r.rid));
+    const waiting = rcpts.filter((r) => !sent.has(r.rid));
+    const via = hosts.hosts.map((h) => h.exchange).join(", ");
+    if (going.length > 0) {
+      ctx.bus.emit({
+        type: "routed",
+        at,
+        queueId: msg.queueId,
+        recipients: going.map((r) => r.address),
+        destination: domain,
+        attempt: 1,
+        detail: `remote delivery via ${via} (${published.map((p) => p.dispatchId).join(", ")})`,
+      });
+    }
+    if (waiting.length > 0) {
+      ctx.bus.emit({
+        type: "routed",
+        at,
+        queueId: msg.queueId,
+        recipients: waiting.map((r) => r.address),
+        destination: domain,
+        attempt: 1,
+        detail: `remote delivery via ${via}: waiting for a slot (${dest.policy.connections} transactions at once${
+          dest.policy.rate ? `, ${dest.policy.rate.messages} per ${dest.policy.rate.perMs / 1000} s` : ""
+        } to these hosts)`,
+      });
+    }
     return;
   }
   if (hosts.kind === "temp") {

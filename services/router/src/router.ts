@@ -5,6 +5,7 @@ import type { DnsResolver } from "@mailpipe/dns";
 import { MailQueue } from "@mailpipe/queue";
 import type { Telemetry } from "@mailpipe/telemetry";
 import type { Redis } from "ioredis";
+import { type Admission, createAdmission } from "./admission.ts";
 import type { Config } from "./config.ts";
 import type { RouterContext } from "./deps.ts";
 import { routerMetrics } from "./metrics.ts";
@@ -25,6 +26,7 @@ export interface RouterOptions {
 
 export interface Router {
   readonly queue: MailQueue;
+  readonly admission: Admission;
   readonly scheduler: Scheduler;
   /** stops taking messages and running the schedule; waits for work in progress */
   stop(): Promise<void>;
@@ -34,7 +36,7 @@ export interface Router {
 export async function startRouter(opts: RouterOptions): Promise<Router> {
   const { config, telemetry, bus } = opts;
   const queue = new MailQueue(opts.redis, { dsnBatchDelayMs: config.DSN_BATCH_DELAY });
-  const ctx: RouterContext = {
+  const base = {
     config,
     telemetry,
     bus,
@@ -51,6 +53,7 @@ export async function startRouter(opts: RouterOptions): Promise<Router> {
     },
     now: opts.now ?? Date.now,
   };
+  const ctx: RouterContext = { ...base, admission: createAdmission(base, opts.redis) };
   const consumeOpts = { maxInFlight: config.ROUTER_CONCURRENCY };
   const route = createRouteHandler(ctx);
   const queued = await bus.consume("router", QueuedMail, route, consumeOpts);
@@ -66,11 +69,19 @@ export async function startRouter(opts: RouterOptions): Promise<Router> {
   }
   const statuses = await bus.consume("routerStatus", RecipientStatus, createStatusHandler(ctx), consumeOpts);
   const scheduler = startScheduler(ctx);
+  ctx.admission.start(() => scheduler.kick());
   return {
     queue,
     scheduler,
+    admission: ctx.admission,
     async stop() {
-      await Promise.all([queued.stop(), legacy?.stop(), statuses.stop(), scheduler.stop()]);
+      await Promise.all([
+        queued.stop(),
+        legacy?.stop(),
+        statuses.stop(),
+        scheduler.stop(),
+        ctx.admission.stop(),
+      ]);
     },
   };
 }

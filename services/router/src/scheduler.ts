@@ -4,11 +4,18 @@
 // MAIL_DELIVER (a lost request or status, a request a worker dropped; see watchdog.ts) and sends them
 // through the same retry path as the next attempt.
 import { destinationToken, isSpoolRef, replies } from "@mailpipe/contracts";
-import type { ClaimedJob, MessageRecord, RetryJob } from "@mailpipe/queue";
+import type { ClaimedJob, MessageRecord, RetryJob, SlotRef } from "@mailpipe/queue";
 import { attr, contextWithQueueId, inSpan } from "@mailpipe/telemetry";
 import { context } from "@opentelemetry/api";
 import type { RouterContext } from "./deps.ts";
-import { lookupMailHosts, type Published, publishLocal, publishRemote, toMxHosts } from "./dispatch.ts";
+import {
+  lookupMailHosts,
+  type Published,
+  publishedSlots,
+  publishLocal,
+  publishRemote,
+  toMxHosts,
+} from "./dispatch.ts";
 import { runDsnTask } from "./dsn-task.ts";
 import { mapLimit } from "./limit.ts";
 import { deferRecipient, finishRecipient } from "./outcomes.ts";
@@ -22,6 +29,8 @@ const GROUP_CONCURRENCY = 16;
 export interface Scheduler {
   /** runs one round now (tests; the loop calls it on its own) */
   tick(): Promise<void>;
+  /** runs a round soon: now, or right after the one in progress (jobs became due: slots granted) */
+  kick(): void;
   /** stops the loop after the round in progress */
   stop(): Promise<void>;
 }
@@ -37,6 +46,7 @@ export function startScheduler(ctx: RouterContext): Scheduler {
   let timer: NodeJS.Timeout | undefined;
   let running: Promise<void> | undefined;
   let failing = false;
+  let again = false;
   const watchdog = createWatchdog(ctx);
 
   const round = async (): Promise<void> => {
@@ -71,6 +81,10 @@ export function startScheduler(ctx: RouterContext): Scheduler {
       } finally {
         running = undefined;
       }
+      if (again && !stopped) {
+        again = false;
+        void tick();
+      }
     })();
     return running;
   };
@@ -86,6 +100,11 @@ export function startScheduler(ctx: RouterContext): Scheduler {
 
   return {
     tick,
+    kick() {
+      if (stopped) return;
+      if (running) again = true;
+      else void tick();
+    },
     async stop() {
       stopped = true;
       if (timer) clearTimeout(timer);
@@ -154,11 +173,14 @@ async function runRetries(ctx: RouterContext, jobs: RetryJob[]): Promise<void> {
   const byMessage = new Map<string, RetryJob[]>();
   for (const j of jobs) byMessage.set(j.queueId, [...(byMessage.get(j.queueId) ?? []), j]);
   const groups: { msg: MessageRecord; dest: string; jobs: RetryJob[] }[] = [];
+  // jobs that end here do not use the destination slot they were granted
+  const ended: RetryJob[] = [];
   for (const [queueId, list] of byMessage) {
     const msg = await ctx.queue.getMessageRecord(queueId);
     if (!msg) {
       // the message finished (or its state is gone): nothing left to retry
       await ctx.queue.complete(list);
+      ended.push(...list);
       continue;
     }
     const rest: RetryJob[] = [];
@@ -169,6 +191,7 @@ async function runRetries(ctx: RouterContext, jobs: RetryJob[]): Promise<void> {
       }
       if (job.mark || expired) {
         await inMessageContext(queueId, msg.traceparent, () => endJob(ctx, msg, job));
+        ended.push(job);
       } else rest.push(job);
     }
     const byDest = new Map<string, RetryJob[]>();
@@ -179,6 +202,7 @@ async function runRetries(ctx: RouterContext, jobs: RetryJob[]): Promise<void> {
     }
     for (const [dest, g] of byDest) groups.push({ msg, dest, jobs: g });
   }
+  await releaseGrants(ctx, ended, new Set());
   await mapLimit(groups, GROUP_CONCURRENCY, (g) =>
     inMessageContext(g.msg.queueId, g.msg.traceparent, () =>
       redispatch(ctx, g.msg, g.dest, g.jobs).catch((err) => {
@@ -245,6 +269,23 @@ async function endJob(ctx: RouterContext, msg: MessageRecord, job: RetryJob): Pr
   await ctx.queue.complete([job]);
 }
 
+/**
+ * Gives back the destination slots granted to `jobs` that no request went out with (`used`: the
+ * tokens that did): the job ended, its group went under another grant's slot, or its MX hosts changed.
+ */
+async function releaseGrants(ctx: RouterContext, jobs: readonly RetryJob[], used: ReadonlySet<string>) {
+  const unused = new Map<string, SlotRef>();
+  for (const j of jobs)
+    if (j.slot && !used.has(j.slot.token)) unused.set(`${j.slot.site}:${j.slot.token}`, j.slot);
+  if (unused.size === 0) return;
+  await ctx.admission.release([...unused.values()]).catch((err) => {
+    ctx.telemetry.log.warn(
+      { err: (err as Error).message },
+      "could not give back unused destination slots; their lease returns them",
+    );
+  });
+}
+
 /** Publishes one destination's retries, or re-schedules / bounces them when DNS says so. */
 async function redispatch(ctx: RouterContext, msg: MessageRecord, dest: string, claimed: RetryJob[]) {
   const attempt = Math.max(...claimed.map((j) => j.recipient.attempt));
@@ -263,7 +304,7 @@ async function redispatch(ctx: RouterContext, msg: MessageRecord, dest: string, 
       const dispatched = async (kind: "local" | "remote", jobs: RetryJob[], published: Published[]) => {
         const seqs = new Map<string, number>();
         for (const p of published) for (const rid of p.rids) seqs.set(`${msg.queueId}:${rid}`, p.seq);
-        await ctx.queue.completeDispatched(jobs, ctx.now(), seqs);
+        await ctx.queue.completeDispatched(jobs, ctx.now(), seqs, publishedSlots(published));
         ctx.metrics.dispatched.inc({ kind }, jobs.length);
         const silent = jobs.filter((j) => j.stale).length;
         if (silent > 0) ctx.metrics.staleRedispatched.inc({ kind }, silent);
@@ -287,15 +328,33 @@ async function redispatch(ctx: RouterContext, msg: MessageRecord, dest: string, 
         // the lookup may have taken longer than the lease
         const jobs = await stillHeld(ctx, claimed);
         if (jobs.length === 0) return;
+        const mxHosts = toMxHosts(hosts);
+        const target = ctx.admission.destination(dest, mxHosts);
+        const byRid = new Map(jobs.map((j) => [j.recipient.rid, j]));
+        // a group with no slot is not published: its jobs moved to the site's wait list
         const published = await publishRemote(
           ctx,
           msg,
           dest,
-          toMxHosts(hosts),
+          mxHosts,
           jobs.map((j) => j.recipient),
-          { retry: true },
+          {
+            retry: true,
+            admit: (id, part) =>
+              ctx.admission.admitJobs(
+                target,
+                id,
+                part.map((r) => byRid.get(r.rid)!),
+              ),
+          },
         );
-        await dispatched("remote", jobs, published);
+        const sent = new Set(published.flatMap((p) => p.rids));
+        await dispatched(
+          "remote",
+          jobs.filter((j) => sent.has(j.recipient.rid)),
+          published,
+        );
+        await releaseGrants(ctx, jobs, new Set(published.flatMap((p) => (p.slot ? [p.slot.token] : []))));
         return;
       }
       if (hosts.kind === "temp") {
@@ -316,6 +375,7 @@ async function redispatch(ctx: RouterContext, msg: MessageRecord, dest: string, 
       }
       // the new schedule or final state replaced these jobs; this only clears any left behind
       await ctx.queue.complete(claimed);
+      await releaseGrants(ctx, claimed, new Set());
     },
   );
 }

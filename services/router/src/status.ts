@@ -30,8 +30,11 @@ export function createStatusHandler(ctx: RouterContext) {
         {
           dsn: false,
           now: ctx.now(),
+          // the transaction is over: its destination slot goes to the next in line, in this script
+          slot: s.slot,
         },
       );
+      ctx.admission.granted(res.granted);
       if (res.status === "missing") {
         log.info(
           { recipient: s.recipient, outcome: s.outcome },
@@ -53,6 +56,8 @@ export function createStatusHandler(ctx: RouterContext) {
       }
       return;
     }
+    // the transaction is over whatever its outcome (a redelivered status releases nothing twice)
+    if (s.slot) await ctx.admission.release([s.slot]);
     const r = await ctx.queue.findRecipient(s.queueId, s.recipient, kind);
     if (!r) {
       log.info(

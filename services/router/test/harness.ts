@@ -343,6 +343,10 @@ export async function startPeers(envr: Environment, opts: { consume?: boolean } 
         ...("destination" in request
           ? { remoteMta: request.destination.hosts[0]?.exchange, destination: request.destination.domain }
           : {}),
+        // as a worker does: the status names the request's destination slot, so the router releases it
+        ...("slot" in request && request.slot
+          ? { slot: { site: request.slot.site, token: request.slot.token } }
+          : {}),
       };
       await bus.publish(subjects.status(outcome), RecipientStatus, s, {
         msgId: `${request.dispatchId}:${recipient}:${outcome}:${s.attempt}:${Math.random()}`,
