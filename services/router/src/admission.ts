@@ -139,8 +139,9 @@ export function createAdmission(ctx: Omit<RouterContext, "admission">, redis: Re
     granted(res.granted);
     admissions.inc({ result: res.status === "ok" ? "slot" : "wait" });
     if (res.status === "ok") return slotFor(dest, token);
+    // at a busy destination this is every message: counted in destination_admissions_total
     if (res.waiting > 0) {
-      log.info(
+      log.debug(
         {
           destination: dest.domain,
           site: dest.site.label,
