@@ -41,13 +41,29 @@ const { values, positionals } = parseArgs({
     only: { type: "string" },
     warmup: { type: "string", default: "500" },
     "redis-appendfsync": { type: "string", default: "always" },
+    help: { type: "boolean", default: false },
   },
 });
+const USAGE = `usage: npm run bench -- compare inbound|relay [options]
+  --size BYTES            message size (default 2048)
+  --sessions N            smtp-source sessions (default 20)
+  --one-per-connection    one message per SMTP connection (default: connections reused)
+  --messages N            measured messages per run (default 5000; with --rate, 20 × R)
+  --rounds N              runs of each side, alternating (default 2)
+  --rate R                pace at about R messages/s (R sessions, one message a second each)
+  --warmup N              messages sent first and not measured (default 500)
+  --only postfix|mailpipe run one side
+  --log-level LEVEL       the pipeline's LOG_LEVEL (default info)
+  --redis-appendfsync always|everysec  Redis's AOF policy (default always, as in production)
+  --deadline SECONDS      the longest a run may take (default 300)
+  --json FILE             also write the results as JSON`;
+if (values.help) {
+  console.log(USAGE);
+  process.exit(0);
+}
 const mode = positionals[0] === "relay" ? "relay" : "inbound";
 if (positionals[0] !== "inbound" && positionals[0] !== "relay") {
-  console.error(
-    "usage: npm run bench -- compare inbound|relay [--size N] [--sessions N] [--one-per-connection] [--messages N] [--rounds N] [--rate R] [--json FILE]",
-  );
+  console.error(USAGE);
   process.exit(64);
 }
 const SIZE = Number(values.size);
