@@ -41,6 +41,7 @@ const { values, positionals } = parseArgs({
     only: { type: "string" },
     warmup: { type: "string", default: "500" },
     "redis-appendfsync": { type: "string", default: "always" },
+    env: { type: "string", multiple: true },
     help: { type: "boolean", default: false },
   },
 });
@@ -56,10 +57,21 @@ const USAGE = `usage: npm run bench -- compare inbound|relay [options]
   --log-level LEVEL       the pipeline's LOG_LEVEL (default info)
   --redis-appendfsync always|everysec  Redis's AOF policy (default always, as in production)
   --deadline SECONDS      the longest a run may take (default 300)
+  --env NAME=VALUE        a configuration variable for the pipeline's services (repeatable),
+                          e.g. --env DESTINATION_CONNECTIONS=100
   --json FILE             also write the results as JSON`;
 if (values.help) {
   console.log(USAGE);
   process.exit(0);
+}
+const EXTRA_ENV: Record<string, string> = {};
+for (const kv of values.env ?? []) {
+  const eq = kv.indexOf("=");
+  if (eq < 1) {
+    console.error(`--env wants NAME=VALUE, got "${kv}"`);
+    process.exit(64);
+  }
+  EXTRA_ENV[kv.slice(0, eq)] = kv.slice(eq + 1);
 }
 const mode = positionals[0] === "relay" ? "relay" : "inbound";
 if (positionals[0] !== "inbound" && positionals[0] !== "relay") {
@@ -267,6 +279,7 @@ async function runMailpipe(round: number): Promise<RunResult> {
     env: {
       LOG_LEVEL: values["log-level"]!,
       MAX_CONNECTIONS_PER_IP: String(Math.max(20, SESSIONS * 2)),
+      ...EXTRA_ENV,
     },
     ...(process.env.BENCH_PROFILE
       ? { nodeArgs: ["--cpu-prof", `--cpu-prof-dir=${process.env.BENCH_PROFILE}`] }
@@ -372,7 +385,13 @@ function result(
 // --- main ----------------------------------------------------------------------------------------
 
 const results: RunResult[] = [];
-const header = `${mode}, ${N} messages (after ${WARM} to warm up) of ${SIZE} bytes, ${SESSIONS} smtp-source sessions${REUSE ? " (connections reused)" : ", one message per connection"}${RATE ? `, paced at about ${RATE}/s` : ""}, ${ROUNDS} rounds`;
+const header = `${mode}, ${N} messages (after ${WARM} to warm up) of ${SIZE} bytes, ${SESSIONS} smtp-source sessions${REUSE ? " (connections reused)" : ", one message per connection"}${RATE ? `, paced at about ${RATE}/s` : ""}, ${ROUNDS} rounds${
+  Object.keys(EXTRA_ENV).length > 0
+    ? `; the pipeline with ${Object.entries(EXTRA_ENV)
+        .map(([k, v]) => `${k}=${v}`)
+        .join(" ")}`
+    : ""
+}`;
 console.log(`compare: ${header}`);
 for (let round = 1; round <= ROUNDS; round++) {
   // alternate which side goes first, so neither always gets the warmer machine
