@@ -55,6 +55,15 @@ export const replies = {
   // addressing
   noSuchUser: (address?: string) =>
     reply(550, "5.1.1", address ? `<${address}>: no such user here` : "No such user here"),
+  /** a bounce or reply to a rewritten (SRS) sender whose hash is not ours, or that is too old */
+  srsInvalid: (reason: "forged" | "expired" | "malformed") =>
+    reply(
+      550,
+      "5.1.1",
+      reason === "expired"
+        ? "This forwarding address (SRS) has expired: no such user here"
+        : "This forwarding address (SRS) is not valid here: no such user here",
+    ),
   relayDenied: () => reply(550, "5.7.1", "Relay access denied: we accept mail only for our own domains"),
   badRecipientSyntax: () => reply(501, "5.1.3", "Bad recipient address syntax"),
   badSenderSyntax: () => reply(501, "5.1.7", "Bad sender address syntax"),

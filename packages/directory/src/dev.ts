@@ -1,4 +1,4 @@
-import { createPrivateKey, createPublicKey, generateKeyPair } from "node:crypto";
+import { createPrivateKey, createPublicKey, generateKeyPair, randomBytes } from "node:crypto";
 import { mkdir, readFile, writeFile } from "node:fs/promises";
 import { resolve } from "node:path";
 import { hashPassword } from "./password.ts";
@@ -43,6 +43,7 @@ export async function developmentDirectory(opts: { keyDir?: string } = {}): Prom
     hashPassword("bob-dev-password"),
   ]);
   let dkim = "";
+  let srs = "";
   if (opts.keyDir !== undefined) {
     await mkdir(opts.keyDir, { recursive: true });
     const keyFile = resolve(opts.keyDir, "example.test.mail.pem");
@@ -62,6 +63,12 @@ export async function developmentDirectory(opts: { keyDir?: string } = {}): Prom
       `      privateKeyFile: ${JSON.stringify(keyFile)}`,
       "",
     ].join("\n");
+    // SRS for mail the aliases forward elsewhere: a secret made once, kept beside the DKIM key
+    const srsFile = resolve(opts.keyDir, "srs.secret");
+    if ((await readFile(srsFile, "utf8").catch(() => undefined)) === undefined) {
+      await writeFile(srsFile, `${randomBytes(24).toString("hex")}\n`, { mode: 0o600 });
+    }
+    srs = `srs:\n  secretFile: ${JSON.stringify(srsFile)}\n`;
   }
   return `# Mailpipe directory for DEVELOPMENT ONLY.
 # The passwords below are published in the source code (alice-dev-password, bob-dev-password):
@@ -78,5 +85,5 @@ users:
 aliases:
   postmaster@example.test: [alice@example.test]
   team@example.test: [alice@example.test, bob@example.test]
-`;
+${srs}`;
 }

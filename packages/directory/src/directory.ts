@@ -14,8 +14,10 @@ import {
   DomainEntry,
   formatPath,
   parseSize,
+  type SrsEntry,
   UserEntry,
 } from "./schema.ts";
+import { isSrsLocal, Srs, type SrsReverse } from "./srs.ts";
 
 /** Alias nesting deeper than this is cut off (and reported in `loops`). */
 export const MAX_ALIAS_DEPTH = 10;
@@ -200,6 +202,7 @@ export class Directory {
   readonly #domains: ReadonlyMap<string, DomainInfo>;
   readonly #users: ReadonlyMap<string, UserRecord>;
   readonly #aliases: ReadonlyMap<string, readonly Target[]>;
+  readonly #srs: Srs | undefined;
 
   private constructor(
     file: string | undefined,
@@ -207,12 +210,14 @@ export class Directory {
     domains: Map<string, DomainInfo>,
     users: Map<string, UserRecord>,
     aliases: Map<string, Target[]>,
+    srs: Srs | undefined,
   ) {
     this.file = file;
     this.files = files;
     this.#domains = domains;
     this.#users = users;
     this.#aliases = aliases;
+    this.#srs = srs;
   }
 
   /** Reads and validates a directory file; DKIM key paths are relative to its folder. */
@@ -388,8 +393,15 @@ export class Directory {
       if (address !== null) aliases.set(address, targets);
     }
 
+    // SRS
+    let srs: Srs | undefined;
+    if (data.srs) {
+      const secrets = readSrsSecrets(data.srs, baseDir, files, report);
+      if (secrets) srs = new Srs({ secrets, maxAgeDays: data.srs.maxAgeDays });
+    }
+
     if (issues.length > 0) throw new DirectoryError(name, issues);
-    return new Directory(opts.file, files, domains, users, aliases);
+    return new Directory(opts.file, files, domains, users, aliases, srs);
   }
 
   // --- domains ---------------------------------------------------------------------------------------
@@ -403,6 +415,22 @@ export class Directory {
   /** Our domains, sorted. */
   domains(): string[] {
     return [...this.#domains.keys()].sort();
+  }
+
+  /** SRS, when the directory configures it: senders of mail forwarded elsewhere are rewritten. */
+  srs(): Srs | undefined {
+    return this.#srs;
+  }
+
+  /**
+   * An SRS address of one of our domains (`SRS0=…@example.test`): what it stands for, or why it is
+   * refused (forged, expired, or no SRS configured). Undefined for any other address.
+   */
+  srsReverse(address: string, now: number = Date.now()): SrsReverse | undefined {
+    const a = parseAddress(address.trim());
+    if (!a || !this.#domains.has(a.domain) || !isSrsLocal(a.local)) return undefined;
+    if (this.#find(a.local, a.domain, "").kind !== "unknown") return undefined; // a real user or alias
+    return this.#srs ? this.#srs.reverse(a.local, now) : { ok: false, reason: "forged" };
   }
 
   /** The DKIM signing key for a domain, if it has one. */
@@ -491,14 +519,17 @@ export class Directory {
   // --- recipients ------------------------------------------------------------------------------------
 
   /** The SMTP RCPT check: users, aliases and +tagged forms of either are "ok". */
-  acceptsRecipient(address: string): "ok" | "unknown-user" | "not-local" {
+  acceptsRecipient(address: string): "ok" | "unknown-user" | "not-local" | "srs-invalid" {
     const a = parseAddress(address.trim());
     if (!a) {
       const d = domainOf(address.trim());
       return d !== null && this.#domains.has(d) ? "unknown-user" : "not-local";
     }
     if (!this.#domains.has(a.domain)) return "not-local";
-    return this.#find(a.local, a.domain, "+").kind === "unknown" ? "unknown-user" : "ok";
+    if (this.#find(a.local, a.domain, "+").kind !== "unknown") return "ok";
+    const srs = this.srsReverse(a.address);
+    if (srs) return srs.ok ? "ok" : "srs-invalid";
+    return "unknown-user";
   }
 
   /**
@@ -517,6 +548,13 @@ export class Directory {
     }
     if (!this.#domains.has(a.domain)) {
       out.nonLocal = true;
+      return out;
+    }
+    // a reply or bounce to a sender we rewrote goes back to that sender
+    const srs = this.srsReverse(a.address);
+    if (srs) {
+      if (srs.ok) out.remote.push(srs.address);
+      else out.unknown.push(a.address);
       return out;
     }
     const st: ResolveState = {
@@ -605,6 +643,34 @@ export class Directory {
     if (!productive) st.loops.add(key);
     return productive;
   }
+}
+
+function readSrsSecrets(
+  entry: SrsEntry,
+  baseDir: string,
+  files: string[],
+  report: (path: Path, message: string) => void,
+): string[] | undefined {
+  if (entry.secrets) return entry.secrets;
+  const file = resolvePath(baseDir, entry.secretFile!);
+  files.push(file);
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    report(["srs", "secretFile"], `cannot read ${file}${code ? ` (${code})` : ""}`);
+    return undefined;
+  }
+  const secrets = text
+    .split(/\r?\n/)
+    .map((l) => l.trim())
+    .filter((l) => l !== "" && !l.startsWith("#"));
+  if (secrets.length === 0 || secrets.some((x) => x.length < 16)) {
+    report(["srs", "secretFile"], `${file} must hold one secret of at least 16 characters per line`);
+    return undefined;
+  }
+  return secrets;
 }
 
 function readDkim(

@@ -14,4 +14,5 @@ export { DirectoryError, type DirectoryIssue } from "./errors.ts";
 export { DEFAULT_SCRYPT, hashPassword, type ScryptParams, verifyHash } from "./password.ts";
 export { DKIM_ALGORITHMS, type DkimAlgorithm, parseSize } from "./schema.ts";
 export { directoryFileSetting } from "./setting.ts";
+export { isSrsLocal, Srs, type SrsOptions, type SrsReverse } from "./srs.ts";
 export { type DirectoryWatcher, type WatchOptions, watchDirectory } from "./watch.ts";

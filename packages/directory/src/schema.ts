@@ -23,6 +23,9 @@
  *   postmaster@example.test: [alice@example.test]
  *   abuse@example.test: alice@example.test                     # one target may be written without [ ]
  *   team@example.test: [alice@example.test, bob@example.test, friend@remote.test]
+ * srs:                           # optional: rewrite the sender of mail aliases forward elsewhere
+ *   secretFile: srs.secret       # one secret per line, the first signs (or secrets: [...] inline)
+ *   maxAgeDays: 21               # how long a bounce to a rewritten sender is accepted (default 21)
  * ```
  *
  * Rules:
@@ -105,11 +108,29 @@ export const AliasEntry = z.union([z.string(), z.array(z.string()).min(1)], {
   error: "must be an address or a non-empty list of addresses",
 });
 
+/** SRS for forwarded mail: the secrets inline or in a file (one per line), the first signs. */
+export const SrsEntry = z
+  .strictObject({
+    secrets: z
+      .array(z.string().min(16, { message: "an SRS secret needs at least 16 characters" }))
+      .min(1)
+      .optional(),
+    secretFile: z.string().min(1).optional(),
+    maxAgeDays: z.number().int().min(1).max(1000).optional(),
+  })
+  .superRefine((v, ctx) => {
+    if ((v.secrets === undefined) === (v.secretFile === undefined)) {
+      ctx.addIssue({ code: "custom", message: "give exactly one of secrets or secretFile" });
+    }
+  });
+export type SrsEntry = z.infer<typeof SrsEntry>;
+
 /** The file's shape. Keys (domains, addresses) are checked and normalised after this step. */
 export const DirectoryFile = z.strictObject({
   domains: z.record(z.string(), DomainEntry).nullish(),
   users: z.record(z.string(), UserEntry).nullish(),
   aliases: z.record(z.string(), AliasEntry).nullish(),
+  srs: SrsEntry.nullish(),
 });
 export type DirectoryFile = z.infer<typeof DirectoryFile>;
 

@@ -26,6 +26,11 @@ export interface RecipientRecord {
   remoteMta?: string;
   /** ISO time of the last attempt */
   lastAttemptAt?: string;
+  /**
+   * A remote address one of our aliases forwards to: the alias's domain. The envelope sender of its
+   * copies is rewritten with SRS (when the directory configures it) so that SPF passes there.
+   */
+  forwardedBy?: string;
   /** RFC 3461 NOTIFY: report failures / delays for this recipient */
   notifyFailure: boolean;
   notifyDelay: boolean;

@@ -53,9 +53,18 @@ export async function checkSpf(
   return result.status.result;
 }
 
+/** The key an ARC set is sealed with: the forwarding domain's DKIM key. */
+export interface ArcSeal {
+  signingDomain: string;
+  selector: string;
+  privateKey: string;
+}
+
 export interface AuthOutcome {
-  /** the Authentication-Results field mailauth built, CRLF-terminated */
+  /** the Authentication-Results field mailauth built (after the ARC set, when sealed), CRLF-terminated */
   header: string;
+  /** with a seal asked for: whether the ARC set was made (not for a broken chain or an unusable key) */
+  sealed?: boolean;
   spf: string;
   dkim: string[];
   dmarc: string;
@@ -70,7 +79,7 @@ export interface AuthOutcome {
 export async function authenticateMessage(
   chunks: readonly Buffer[],
   who: ClientIdentity,
-  opts: { mta: string; resolver: MailauthResolver },
+  opts: { mta: string; resolver: MailauthResolver; seal?: ArcSeal | undefined },
 ): Promise<AuthOutcome> {
   // one buffer for mailauth to take in a single write (a stream of the intake's many small chunks
   // cost more than the checks); a large message is streamed rather than copied whole once more
@@ -86,12 +95,15 @@ export async function authenticateMessage(
     mta: opts.mta,
     resolver: opts.resolver,
     disableBimi: true,
+    ...(opts.seal ? { seal: opts.seal } : {}),
   });
   const dkim = (result.dkim.results ?? []).map((r) => r.status.result);
   const spfResult = result.spf ? result.spf.status.result : "none";
   const dmarc = result.dmarc;
+  const sealErrors = result.arc ? (result.arc as { sealErrors?: unknown[] }).sealErrors : undefined;
   return {
-    header: authenticationResultsField(result.headers),
+    header: opts.seal ? arcSetAndResults(result.headers) : authenticationResultsField(result.headers),
+    ...(opts.seal ? { sealed: !sealErrors?.length && /^ARC-Seal:/im.test(result.headers) } : {}),
     spf: spfResult,
     dkim,
     dmarc: dmarc ? dmarc.status.result : "none",
@@ -123,6 +135,22 @@ export function authenticationResultsField(headers: string): string {
   }
   const field = headers.slice(at);
   return field.endsWith("\r\n") ? field : `${field}\r\n`;
+}
+
+/**
+ * With sealing: the ARC set mailauth made (ARC-Seal, ARC-Message-Signature,
+ * ARC-Authentication-Results) and the Authentication-Results field, without Received-SPF (the
+ * results already carry SPF). Fields start a line; continuation lines start with white space.
+ */
+export function arcSetAndResults(headers: string): string {
+  const fields = headers.split(/\r\n(?=[^ \t])/).filter((f) => f !== "");
+  const keep = fields.filter((f) =>
+    /^(arc-seal|arc-message-signature|arc-authentication-results|authentication-results):/i.test(f),
+  );
+  if (!keep.some((f) => /^authentication-results:/i.test(f))) {
+    throw new Error("mailauth produced no Authentication-Results field");
+  }
+  return keep.map((f) => (f.endsWith("\r\n") ? f : `${f}\r\n`)).join("");
 }
 
 /**

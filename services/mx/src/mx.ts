@@ -1,6 +1,6 @@
 import type { Bus } from "@mailpipe/bus";
 import { replies, SmtpError } from "@mailpipe/contracts";
-import { type DirectoryWatcher, watchDirectory } from "@mailpipe/directory";
+import { type Directory, type DirectoryWatcher, watchDirectory } from "@mailpipe/directory";
 import { createResolver, type DnsResolver, mailauthResolver, reverseName } from "@mailpipe/dns";
 import {
   createSmtpEdge,
@@ -11,7 +11,13 @@ import {
 } from "@mailpipe/smtp-edge";
 import type { Telemetry } from "@mailpipe/telemetry";
 import type { MxConfig } from "./config.ts";
-import { authenticateMessage, checkSpf, dmarcDecision, transactionResolver } from "./mail-auth.ts";
+import {
+  type ArcSeal,
+  authenticateMessage,
+  checkSpf,
+  dmarcDecision,
+  transactionResolver,
+} from "./mail-auth.ts";
 import { checkRecipient } from "./recipient-policy.ts";
 
 export interface MxDeps {
@@ -112,10 +118,18 @@ export async function startMx({ config, telemetry, bus, resolver: given }: MxDep
 
     async message(tx, message) {
       const st = stateOf(tx);
+      const seal = arcSealFor(directory.current(), tx.recipients);
       const outcome = await authenticateMessage(message.chunks, identity(tx), {
         mta: config.MAIL_HOSTNAME,
         resolver: st.resolver,
+        seal,
       });
+      if (seal && !outcome.sealed) {
+        log.warn(
+          { domain: seal.signingDomain, arc: outcome.arc },
+          "forwarded message not ARC-sealed (its ARC chain failed, or the domain's DKIM key is unusable)",
+        );
+      }
       authResults.inc({ check: "spf", result: outcome.spf });
       for (const r of outcome.dkim.length ? outcome.dkim : ["none"])
         authResults.inc({ check: "dkim", result: r });
@@ -186,4 +200,19 @@ export async function startMx({ config, telemetry, bus, resolver: given }: MxDep
       directory.close();
     },
   };
+}
+
+/**
+ * Mail that one of our aliases forwards to another domain is ARC-sealed with the alias domain's DKIM
+ * key, so the receiver can trust our Authentication-Results when SPF or DKIM no longer pass there.
+ * Nothing to seal when no recipient forwards, or its domain has no key.
+ */
+export function arcSealFor(dir: Directory, recipients: readonly string[]): ArcSeal | undefined {
+  for (const r of recipients) {
+    if (dir.resolve(r).remote.length === 0) continue;
+    const domain = r.slice(r.lastIndexOf("@") + 1).toLowerCase();
+    const key = dir.dkim(domain);
+    if (key) return { signingDomain: domain, selector: key.selector, privateKey: key.privateKey };
+  }
+  return undefined;
 }

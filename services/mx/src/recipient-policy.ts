@@ -38,6 +38,11 @@ export function checkRecipient(directory: Directory, address: string): Recipient
       return { ok: true, address: parsed.address };
     case "unknown-user":
       return refuse(replies.noSuchUser(parsed.address));
+    case "srs-invalid": {
+      // a bounce to a sender we never rewrote (forged), or rewrote too long ago
+      const r = directory.srsReverse(parsed.address);
+      return refuse(replies.srsInvalid(r && !r.ok ? r.reason : "forged"));
+    }
     default:
       return refuse(replies.relayDenied());
   }

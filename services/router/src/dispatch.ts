@@ -108,6 +108,31 @@ export function toMxHosts(result: Extract<MailHosts, { kind: "hosts" }>): MxHost
   return result.hosts.map((h) => ({ exchange: h.exchange, priority: h.priority, addresses: h.addresses }));
 }
 
+/**
+ * Recipients grouped by the envelope sender their copies go out with, in their order: the message's
+ * own, or for addresses an alias of ours forwards to, the sender rewritten with SRS (when the
+ * directory configures it), so that SPF passes at the destination. The null sender, and senders in
+ * our own domains (our SPF covers them already), are never rewritten.
+ */
+export function bySender(
+  ctx: Pick<RouterContext, "directory" | "now">,
+  mailFrom: string,
+  recipients: readonly RecipientRecord[],
+): [string, RecipientRecord[]][] {
+  const dir = ctx.directory();
+  const srs = dir.srs();
+  const senderDomain = mailFrom.slice(mailFrom.lastIndexOf("@") + 1);
+  if (!srs || mailFrom === "" || dir.isLocalDomain(senderDomain)) return [[mailFrom, [...recipients]]];
+  const groups = new Map<string, RecipientRecord[]>();
+  for (const r of recipients) {
+    const sender = r.forwardedBy ? srs.forward(mailFrom, r.forwardedBy, ctx.now()) : mailFrom;
+    const g = groups.get(sender);
+    if (g) g.push(r);
+    else groups.set(sender, [r]);
+  }
+  return [...groups];
+}
+
 function attach(msg: DispatchMessage): { attachment?: Buffer } {
   return msg.attachment && msg.attachment.length <= REQUEST_ATTACH_MAX ? { attachment: msg.attachment } : {};
 }
@@ -167,7 +192,10 @@ export async function publishRemote(
 ): Promise<Published[]> {
   const out: Published[] = [];
   const dest = destinationToken(domain);
-  for (const [i, part] of chunk(recipients).entries()) {
+  const parts = bySender(ctx, msg.mailFrom, recipients).flatMap(([mailFrom, list]) =>
+    chunk(list).map((part) => ({ mailFrom, part })),
+  );
+  for (const [i, { mailFrom, part }] of parts.entries()) {
     const attempt = Math.max(...part.map((r) => r.attempt));
     const id = dispatchId(msg.queueId, dest, attempt, {
       chunk: i,
@@ -180,7 +208,7 @@ export async function publishRemote(
       queueId: msg.queueId,
       dispatchId: id,
       receivedAt: msg.receivedAt,
-      mailFrom: msg.mailFrom,
+      mailFrom,
       destination: { domain, hosts },
       recipients: part.map((r) => ({
         address: r.address,

@@ -80,6 +80,7 @@ export function expandRecipients(
         address: parsed.address,
         // forwarding: the alias is what the sender addressed
         original: rcpt.address,
+        forwardedBy: rcpt.address.slice(rcpt.address.lastIndexOf("@") + 1).toLowerCase(),
         domain: parsed.domain,
         state: "pending",
         attempt: 1,
