@@ -7,6 +7,7 @@ import {
   type StreamKey,
   subjects,
   topology,
+  trackHash,
 } from "@mailpipe/contracts";
 import { attr, contextWithQueueId, currentTraceId, redactUrls, type Telemetry } from "@mailpipe/telemetry";
 import {
@@ -278,9 +279,33 @@ export class Bus {
         },
         "event",
       );
-      this.nc.publish(subjects.event(full.type), JSON.stringify(full));
+      this.nc.publish(subjects.event(full.type, full.queueId), JSON.stringify(full));
     } catch (err) {
       this.#telemetry.log.warn({ err, event: event.type }, "could not emit event");
+    }
+  }
+
+  /**
+   * Adds a message to the tracking index (`mailctl track <Message-ID | address>`): one small message
+   * per key in MAIL_EVENTS, published like events (no ack awaited; tracking never slows the mail).
+   */
+  index(queueId: string, keys: { messageId?: string | undefined; addresses?: readonly string[] }): void {
+    try {
+      if (keys.messageId) {
+        this.nc.publish(
+          subjects.trackIndex("mid", keys.messageId),
+          `${trackHash("mid", keys.messageId)} ${queueId}`,
+        );
+      }
+      const seen = new Set<string>();
+      for (const a of keys.addresses ?? []) {
+        const k = a.toLowerCase();
+        if (k === "" || seen.has(k)) continue;
+        seen.add(k);
+        this.nc.publish(subjects.trackIndex("addr", k), `${trackHash("addr", k)} ${queueId}`);
+      }
+    } catch (err) {
+      this.#telemetry.log.warn({ err, queueId }, "could not index a message for tracking");
     }
   }
 

@@ -20,6 +20,7 @@ import {
   SmtpError,
   SubjectError,
   subjects,
+  trackHash,
 } from "./index.ts";
 
 const body = { bucket: "mail-bodies", key: "01J0000000000000000000000A", size: 42, sha256: "a".repeat(64) };
@@ -201,7 +202,21 @@ describe("subjects", () => {
     expect(subjects.deliverRemote("Mail.Remote.test")).toBe("mail.v1.deliver.remote.mail_remote_test");
     expect(destinationFromToken(destinationToken("a-b.remote.test"))).toBe("a-b.remote.test");
     expect(subjects.status("bounced")).toBe("mail.v1.status.bounced");
-    expect(subjects.event("delivered")).toBe("mail.v1.events.delivered");
+    // one message's events share one literal subject: its queue id's bucket
+    expect(subjects.event("delivered", "01JC0000000000000000000000")).toMatch(
+      /^mail\.v1\.events\.[0-9a-f]{4}$/,
+    );
+    expect(subjects.event("received", "01JC0000000000000000000000")).toBe(
+      subjects.eventsOfMessage("01JC0000000000000000000000"),
+    );
+    expect(subjects.event("rejected")).toBe("mail.v1.events._");
+    // index keys: addresses case-insensitively, one bucket token each
+    expect(subjects.trackIndex("addr", "Alice@Example.TEST")).toBe(
+      subjects.trackIndex("addr", "alice@example.test"),
+    );
+    expect(trackHash("addr", "Alice@Example.TEST")).toBe(trackHash("addr", "alice@example.test"));
+    expect(subjects.trackIndex("mid", "<a.b@c>")).toMatch(/^mail\.v1\.track\.mid\.[0-9a-f]{4}$/);
+    expect(trackHash("mid", "<A@c>")).not.toBe(trackHash("mid", "<a@c>"));
   });
 
   it("refuses tokens that would add subject levels or wildcards", () => {

@@ -48,4 +48,6 @@ export {
   subjects,
   token,
   topology,
+  trackBucket,
+  trackHash,
 } from "./subjects.ts";

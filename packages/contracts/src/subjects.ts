@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 import { normalizeDomain } from "./address.ts";
 import type { EventType, Outcome } from "./messages.ts";
 import { EVENT_TYPES } from "./messages.ts";
@@ -49,11 +50,28 @@ export const subjects = {
     return `mail.v1.status.${outcome}`;
   },
   statusAll: () => "mail.v1.status.>",
-  event: (type: EventType) => {
+  /**
+   * Where an event is published: `mail.v1.events.<bucket of its queue id>` (`_` for an event of no
+   * message). One message's events are then a read of one literal subject, which the server answers
+   * from its per-subject index without a scan, and the number of subjects stays bounded (65,536
+   * buckets) however many messages the stream keeps.
+   */
+  // biome-ignore lint/correctness/noUnusedFunctionParameters: the type stays in the signature for callers
+  event: (type: EventType, queueId?: string) => {
     if (!EVENT_TYPES.includes(type)) throw new SubjectError(`unknown event type ${JSON.stringify(type)}`);
-    return `mail.v1.events.${type}`;
+    return queueId ? `mail.v1.events.${trackBucket(queueId)}` : "mail.v1.events._";
   },
+  /** the subject holding one message's events (with other messages' of the same bucket) */
+  eventsOfMessage: (queueId: string) => `mail.v1.events.${trackBucket(queueId)}`,
   eventsAll: () => "mail.v1.events.>",
+  /**
+   * The tracking index, in MAIL_EVENTS beside the events (same retention): one entry per key a
+   * message is looked up by, `<key hash> <queue id>` as payload, on the key's bucket. `kind` is `mid`
+   * (Message-ID) or `addr` (sender and recipient addresses).
+   */
+  trackIndex: (kind: "mid" | "addr", key: string) =>
+    `mail.v1.track.${kind}.${trackBucket(trackHash(kind, key))}`,
+  trackAll: () => "mail.v1.track.>",
 } as const;
 
 /** Stream, consumer and bucket names: the bus creates them, services bind to them by these names. */
@@ -66,7 +84,7 @@ export const topology = {
     queued: { name: "MAIL_SPOOL", subjects: [subjects.queued()], kind: "spool" },
     deliver: { name: "MAIL_DELIVER", subjects: [subjects.deliverAll()], kind: "workqueue" },
     status: { name: "MAIL_STATUS", subjects: [subjects.statusAll()], kind: "workqueue" },
-    events: { name: "MAIL_EVENTS", subjects: [subjects.eventsAll()], kind: "limits" },
+    events: { name: "MAIL_EVENTS", subjects: [subjects.eventsAll(), subjects.trackAll()], kind: "limits" },
   },
   consumers: {
     router: { stream: "MAIL_SPOOL", durable: "router", filter: subjects.queued() },
@@ -83,3 +101,17 @@ export const topology = {
 
 export type StreamKey = keyof typeof topology.streams;
 export type ConsumerKey = keyof typeof topology.consumers;
+
+/**
+ * A lookup key's hash, as index entries carry it: SHA-256 (base64url, 128 bits) of the Message-ID as
+ * written, or of the address in lower case.
+ */
+export function trackHash(kind: "mid" | "addr", key: string): string {
+  const k = kind === "addr" ? key.trim().toLowerCase() : key.trim();
+  return createHash("sha256").update(k).digest("base64url").slice(0, 22);
+}
+
+/** One of 65,536 buckets (4 hex digits of SHA-256), a subject token. */
+export function trackBucket(value: string): string {
+  return createHash("sha256").update(value).digest("hex").slice(0, 4);
+}

@@ -1,10 +1,18 @@
 import { parseArgs } from "node:util";
-import { connect } from "@nats-io/transport-node";
-import { dkimCommand } from "./dkim.ts";
 import { CommandError, type Io, UsageError } from "./io.ts";
-import { queueCommand } from "./queue.ts";
-import { trackCommand } from "./track.ts";
-import { userCommand } from "./user.ts";
+
+// each command loads its own modules when it runs: `mailctl track` starts without the directory,
+// Redis or DKIM code (an operator's lookup answers sooner and in less memory)
+const dkimCommand = async (...a: Parameters<typeof import("./dkim.ts").dkimCommand>) =>
+  (await import("./dkim.ts")).dkimCommand(...a);
+const queueCommand = async (...a: Parameters<typeof import("./queue.ts").queueCommand>) =>
+  (await import("./queue.ts")).queueCommand(...a);
+const trackCommand = async (...a: Parameters<typeof import("./track.ts").trackCommand>) =>
+  (await import("./track.ts")).trackCommand(...a);
+const userCommand = async (...a: Parameters<typeof import("./user.ts").userCommand>) =>
+  (await import("./user.ts")).userCommand(...a);
+const connect = async (...a: Parameters<typeof import("@nats-io/transport-node").connect>) =>
+  (await import("@nats-io/transport-node")).connect(...a);
 
 export const USAGE = `mailctl: operate a mailpipe installation
 
@@ -18,8 +26,9 @@ export const USAGE = `mailctl: operate a mailpipe installation
   mailctl queue flush                       make every scheduled retry due now
   mailctl queue delete <id> [--bounce|--drop]
                                             remove a scheduled retry, sending a bounce (default) or not
-  mailctl track <queue id | <Message-ID> | address> [--since 24h] [--json]
+  mailctl track <queue id | <Message-ID> | address> [--since 24h] [--json] [--scan]
                                             the message's timeline across every service, with its trace id
+                                            (--scan reads every event in the window: events from before the index)
 
 Environment: DIRECTORY_FILE (/etc/mailpipe/directory.yaml), NATS_URL (nats://127.0.0.1:4222),
 REDIS_URL (redis://127.0.0.1:6379), TRACE_VIEW_URL (e.g. http://localhost:16686/trace/{traceId}).
@@ -45,6 +54,7 @@ export async function run(argv: string[], io: Io): Promise<number> {
         bits: { type: "string" },
         since: { type: "string" },
         json: { type: "boolean" },
+        scan: { type: "boolean" },
         bounce: { type: "boolean" },
         drop: { type: "boolean" },
         limit: { type: "string" },
@@ -94,7 +104,7 @@ export async function run(argv: string[], io: Io): Promise<number> {
           await trackCommand(
             nc,
             rest[0],
-            { sinceMs: duration(flags.since ?? "24h"), json: !!flags.json },
+            { sinceMs: duration(flags.since ?? "24h"), json: !!flags.json, scan: !!flags.scan },
             io,
           );
         } finally {

@@ -10,6 +10,7 @@ import { createTelemetry } from "@mailpipe/telemetry";
 import { type NatsHandle, startNats, tempDir } from "@mailpipe/testing";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { run } from "./cli.ts";
+import { eventsOfMessage, indexedQueueIds, readEvents } from "./track.ts";
 
 function io(stdinText = "", env: NodeJS.ProcessEnv = {}) {
   const stdout = new PassThrough();
@@ -166,6 +167,12 @@ describe("mailctl track", () => {
       messageId: "<m2@example.test>",
       mailFrom: "carol@example.test",
     });
+    // what acceptance indexes: the Message-ID, the sender and the envelope recipients
+    bus.index(queueId, {
+      messageId: "<m1@example.test>",
+      addresses: ["alice@example.test", "bob@remote.test"],
+    });
+    bus.index(other, { messageId: "<m2@example.test>", addresses: ["carol@example.test"] });
     await bus.nc.flush();
     await bus.close();
 
@@ -196,6 +203,97 @@ describe("mailctl track", () => {
     const none = io("", { NATS_URL: nats.url });
     expect(await run(["track", "nobody@nowhere.test"], none.io)).toBe(1);
     expect(none.err()).toMatch(/no events for nobody@nowhere\.test/);
+  });
+
+  it("reads only the message's own events and index entries, not the whole stream", async () => {
+    const telemetry = createTelemetry({ service: "mx", logLevel: "silent", defaultMetrics: false });
+    const bus = await Bus.connect({ url: nats.url, name: "t", telemetry });
+    await bus.ensureTopology();
+    // 2,000 other messages with 3 events each, and the one looked up among them
+    const target = newQueueId();
+    for (let i = 0; i < 2000; i++) {
+      const id = newQueueId();
+      bus.emit({
+        type: "received",
+        queueId: id,
+        messageId: `<other${i}@example.test>`,
+        mailFrom: "x@example.test",
+      });
+      bus.emit({ type: "queued", queueId: id });
+      bus.emit({ type: "delivered", queueId: id, recipient: "y@example.test" });
+      bus.index(id, {
+        messageId: `<other${i}@example.test>`,
+        addresses: ["x@example.test", "y@example.test"],
+      });
+      if (i === 1000) {
+        bus.emit({
+          type: "received",
+          queueId: target,
+          messageId: "<needle@example.test>",
+          mailFrom: "n@example.test",
+        });
+        bus.emit({ type: "queued", queueId: target });
+        bus.emit({ type: "delivered", queueId: target, recipient: "needle@example.test" });
+        bus.index(target, {
+          messageId: "<needle@example.test>",
+          addresses: ["n@example.test", "needle@example.test"],
+        });
+      }
+    }
+    await bus.nc.flush();
+    const stats = { read: 0 };
+    const events = await eventsOfMessage(bus.nc, target, stats);
+    expect(events.map((e) => e.type)).toEqual(["received", "queued", "delivered"]);
+    // its bucket's events only: its own 3, and rarely another message's that shares the bucket
+    expect(stats.read).toBeGreaterThanOrEqual(3);
+    expect(stats.read).toBeLessThan(20);
+    const ids = { read: 0 };
+    const since = new Date(Date.now() - 3_600_000);
+    expect(
+      await indexedQueueIds(bus.nc, { kind: "messageId", value: "<needle@example.test>" }, since, ids),
+    ).toEqual([target]);
+    expect(
+      await indexedQueueIds(bus.nc, { kind: "recipient", value: "NEEDLE@example.test" }, since, ids),
+    ).toEqual([target]);
+    expect(ids.read).toBeGreaterThanOrEqual(2);
+    expect(ids.read).toBeLessThan(20);
+    // the scan, for contrast, reads everything in its window
+    const scan = { read: 0 };
+    await readEvents(bus.nc, since, 1_000_000, scan);
+    expect(scan.read).toBeGreaterThan(6000);
+    await bus.close();
+  });
+
+  it("finds events from before the index with --scan, and says so without it", async () => {
+    const telemetry = createTelemetry({ service: "mx", logLevel: "silent", defaultMetrics: false });
+    const bus = await Bus.connect({ url: nats.url, name: "t", telemetry });
+    await bus.ensureTopology();
+    const queueId = newQueueId();
+    // an event as releases before the index published it: on mail.v1.events.<type>, no index entry
+    const legacy = {
+      v: 1,
+      type: "received",
+      at: new Date().toISOString(),
+      service: "mx",
+      queueId,
+      messageId: "<old@example.test>",
+      mailFrom: "old@example.test",
+    };
+    bus.nc.publish("mail.v1.events.received", JSON.stringify(legacy));
+    await bus.nc.flush();
+    await bus.close();
+
+    const plain = io("", { NATS_URL: nats.url });
+    expect(await run(["track", "<old@example.test>"], plain.io)).toBe(1);
+    expect(plain.err()).toMatch(/--scan/);
+    const scanned = io("", { NATS_URL: nats.url });
+    expect(await run(["track", "<old@example.test>", "--scan"], scanned.io)).toBe(0);
+    expect(scanned.out()).toContain(
+      `message ${queueId}  Message-ID <old@example.test>  from <old@example.test>`,
+    );
+    const byId = io("", { NATS_URL: nats.url });
+    expect(await run(["track", queueId, "--scan"], byId.io)).toBe(0);
+    expect(byId.out()).toContain(`message ${queueId}`);
   });
 
   it("says clearly when NATS cannot be reached", async () => {

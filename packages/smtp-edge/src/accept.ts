@@ -162,6 +162,7 @@ export async function acceptMessage(input: AcceptInput): Promise<Accepted> {
     work.catch(() => {});
     const body = await within(input.timeoutMs ?? 30_000, work, abandoned);
     bus.emit({ type: "queued", queueId, recipients, size: body.size });
+    bus.index(queueId, { messageId: input.messageId, addresses: [envelope.mailFrom, ...recipients] });
     return { queueId, body, reply: replies.accepted(queueId) };
   } catch (err) {
     if (caller?.aborted && caller.reason instanceof SmtpError) {

@@ -105,6 +105,13 @@ export function createRouteHandler(ctx: RouterContext) {
         }
         const firstTime = stored.status !== "exists";
         if (firstTime) reportRouteBounces(ctx, msg, planned);
+        if (firstTime) {
+          // addresses the aliases led to: `mailctl track friend@remote.test` finds the message too
+          const expanded = planned
+            .filter((r) => r.original && r.original !== r.address)
+            .map((r) => r.address);
+          if (expanded.length > 0) ctx.bus.index(mail.queueId, { addresses: expanded });
+        }
         if (stored.status === "finalized") {
           observeFinal(ctx, mail.queueId, mail.receivedAt);
           return;

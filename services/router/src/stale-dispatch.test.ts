@@ -40,9 +40,12 @@ beforeEach(async () => {
   await env.reset();
   peers = await startPeers(env);
   events = [];
-  const sub = peers.bus.nc.subscribe(subjects.event("deferred"));
+  const sub = peers.bus.nc.subscribe(subjects.eventsAll());
   (async () => {
-    for await (const m of sub) events.push(MailEvent.parse(m.json()));
+    for await (const m of sub) {
+      const e = MailEvent.parse(m.json());
+      if (e.type === "deferred") events.push(e);
+    }
   })();
   stopEvents = () => sub.unsubscribe();
 });
