@@ -30,6 +30,7 @@ import {
   deliveryHeader,
   type Folder,
   MaildirStore,
+  markedAsSpam,
   messageName,
   TmpInUseError,
 } from "./maildir.ts";
@@ -91,7 +92,7 @@ export interface DelivererDeps {
    */
   lmtp?: LmtpClient;
   /** the directory in use (it reloads, so ask per delivery) */
-  directory: () => Pick<Directory, "quota">;
+  directory: () => Pick<Directory, "quota" | "domainPolicy">;
   telemetry: Telemetry;
   /** MDA_MAX_AUTO_FOLDERS: +tag folders are created only below this many folders (default 50; 0 = never) */
   maxAutoFolders?: number;
@@ -191,10 +192,37 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
     log.error({ recipient, err: { name: e?.name, message: e?.message } }, "delivery failed; deferring");
   }
 
+  /** The first bytes of a body too large to buffer: enough for its header section (at most 64 KiB). */
+  async function headOf(request: LocalDeliveryRequest): Promise<Buffer> {
+    const stream = await bodies.read(request.body);
+    const chunks: Buffer[] = [];
+    let size = 0;
+    try {
+      for await (const chunk of stream) {
+        const b = chunk as Buffer;
+        chunks.push(b);
+        size += b.length;
+        const head = Buffer.concat(chunks);
+        if (size >= 64 * 1024 || head.includes("\r\n\r\n") || head.includes("\n\n")) break;
+      }
+    } finally {
+      stream.destroy();
+    }
+    return Buffer.concat(chunks);
+  }
+
+  /** The domain's spamToJunk rule (directory, default on): a message marked as spam goes to Junk. */
+  async function spamToJunk(rcpt: Recipient, head: () => Promise<Buffer>): Promise<boolean> {
+    const domain = parseAddress(rcpt.mailbox)?.domain;
+    if (!domain || !deps.directory().domainPolicy(domain).spamToJunk) return false;
+    return markedAsSpam(await head());
+  }
+
   async function copy(
     request: LocalDeliveryRequest,
     rcpt: Recipient,
     smallBody: () => Promise<Buffer>,
+    head: () => Promise<Buffer>,
   ): Promise<CopyResult> {
     const header = deliveryHeader(request.mailFrom, rcpt.address);
     const size = header.length + request.body.size;
@@ -209,7 +237,8 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
         log.info({ recipient: rcpt.address }, "already delivered; reporting it again");
         return { outcome: "delivered", reply: replies.delivered("Delivered to maildir") };
       }
-      folder = await store.folder(rcpt.mailbox, rcpt.folder);
+      const junk = await spamToJunk(rcpt, head);
+      folder = junk ? await store.junk(rcpt.mailbox) : await store.folder(rcpt.mailbox, rcpt.folder);
       const path = relative(deps.maildirRoot, `${folder.dir}/new/${name}`);
       if (await store.delivered(folder.dir, name)) {
         duplicates.inc();
@@ -233,7 +262,10 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
       // a +tag whose folder does not exist and was not created (special-use name, or too many folders)
       const inbox =
         rcpt.folder !== undefined && folder.folder === undefined ? { tagFolder: rcpt.folder } : {};
-      log.info({ recipient: rcpt.address, path, size, ...inbox }, "delivered");
+      log.info(
+        { recipient: rcpt.address, path, size, ...inbox, ...(junk ? { spam: true } : {}) },
+        "delivered",
+      );
       return { outcome: "delivered", reply: replies.delivered("Delivered to maildir") };
     } catch (err) {
       if (reserved && folder) quotas.release(folder.maildir, quota, size);
@@ -386,6 +418,12 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
       small ??= bodies.readBuffer(request.body, hctx?.attachment);
       return small;
     };
+    // the header section, for the spamToJunk rule: read once per request
+    let headRead: Promise<Buffer> | undefined;
+    const head = () => {
+      headRead ??= request.body.size <= MAX_BUFFERED_BODY ? smallBody() : headOf(request);
+      return headRead;
+    };
     const reports: Promise<void>[] = [];
     let busy: string | undefined;
     for (const rcpt of request.recipients) {
@@ -403,7 +441,7 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
         async (span) => {
           const r = deps.lmtp
             ? await lmtpCopy(deps.lmtp, request, rcpt, smallBody)
-            : await copy(request, rcpt, smallBody);
+            : await copy(request, rcpt, smallBody, head);
           span.setAttribute(attr.outcome, r.outcome);
           if (r.outcome !== "busy") {
             span.setAttribute(attr.replyCode, r.reply.code);
