@@ -30,6 +30,7 @@ import {
 import { AckPolicy } from "@nats-io/jetstream";
 import { Redis } from "ioredis";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { config } from "./config.ts";
 import { createDeliverer, doneKey } from "./deliver.ts";
 import { LmtpClient, parseLmtpUrl, replyFromLine } from "./lmtp.ts";
 
@@ -198,6 +199,19 @@ describe("LMTP_URL", () => {
     expect(parseLmtpUrl("lmtp://127.0.0.1")).toEqual({ kind: "tcp", host: "127.0.0.1", port: 24 });
     expect(() => parseLmtpUrl("unix:relative/lmtp")).toThrow(/absolute path/);
     expect(() => parseLmtpUrl("smtp://host:25")).toThrow(/neither unix:\/path nor lmtp:\/\/host:port/);
+  });
+
+  it("is required with MDA_BACKEND=lmtp, which is off by default", () => {
+    expect(config.parse({}).MDA_BACKEND).toBe("maildir");
+    const r = config.safeParse({ MDA_BACKEND: "lmtp" });
+    expect(r.success).toBe(false);
+    expect(r.error?.issues.map((i) => [i.path.join("."), i.message])).toEqual([
+      ["LMTP_URL", "MDA_BACKEND=lmtp needs LMTP_URL (unix:/path/to/socket or lmtp://host:port)"],
+    ]);
+    expect(config.parse({ MDA_BACKEND: "lmtp", LMTP_URL: "unix:/run/dovecot/lmtp" })).toMatchObject({
+      LMTP_POOL_SIZE: 8,
+      LMTP_TIMEOUT: 120_000,
+    });
   });
 
   it("keeps a reply's code, enhanced code and text as the server sent them", () => {
