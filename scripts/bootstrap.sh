@@ -60,13 +60,21 @@ fi
 # Servers and tools from Debian's packages: command -> package.
 need_debs=()
 # swaks needs Net::SSLeay for --tls, which apt leaves out with --no-install-recommends
-declare -A deb_of=([nats-server]=nats-server [redis-server]=redis-server [swaks]="swaks libnet-ssleay-perl" [smtp-source]=postfix [openssl]=openssl)
+declare -A deb_of=([dovecot]=dovecot-core [nats-server]=nats-server [redis-server]=redis-server [swaks]="swaks libnet-ssleay-perl" [smtp-source]=postfix [openssl]=openssl)
 for cmd in nats-server redis-server openssl "$@"; do
   # shellcheck disable=SC2206 # a value may name several packages
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need_debs+=(${deb_of[$cmd]:-$cmd})
 done
 case " $* " in
   *" swaks "*) perl -MNet::SSLeay -e 1 2>/dev/null || need_debs+=(libnet-ssleay-perl) ;;
+esac
+# `dovecot`: the LMTP, IMAP and Sieve parts the mda tests start (packages/testing/src/dovecot.ts)
+case " $* " in
+  *" dovecot "*)
+    [ -x /usr/lib/dovecot/lmtp ] || need_debs+=(dovecot-lmtpd)
+    [ -x /usr/lib/dovecot/imap ] || need_debs+=(dovecot-imapd)
+    [ -e /usr/lib/dovecot/modules/lib90_sieve_plugin.so ] || need_debs+=(dovecot-sieve)
+    ;;
 esac
 if ((${#need_debs[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -75,8 +83,15 @@ if ((${#need_debs[@]})); then
     if printf '%s\n' "${need_debs[@]}" | grep -qx postfix; then
       echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     fi
-    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_debs[@]}"; } >&2 ||
-      die "apt-get install ${need_debs[*]} failed"
+    # the packages' own services (dovecot…) must not start: the tests run their own on loopback
+    no_start=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && no_start=1
+    fi
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_debs[@]}"; } >&2
+    apt_status=$?
+    [ -n "$no_start" ] && rm -f /usr/sbin/policy-rc.d
+    [ "$apt_status" -eq 0 ] || die "apt-get install ${need_debs[*]} failed"
   else
     die "missing: ${need_debs[*]}. Install them (Debian/Ubuntu: sudo apt-get install ${need_debs[*]}) and run again"
   fi

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # `npm test`: sets up what the tests need (Node 24, pnpm, dependencies, nats-server, redis-server,
-# swaks), then runs the whole suite with vitest: lint and type check are tests in it too
+# swaks, Dovecot), then runs the whole suite with vitest: lint and type check are tests in it too
 # (tests/static), so one report counts everything. Extra arguments go to vitest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-. scripts/bootstrap.sh swaks smtp-source
+. scripts/bootstrap.sh swaks smtp-source dovecot
 args=(run)
 if [ -n "${VITEST_JSON_REPORT:-}" ]; then
   args+=(--reporter=default --reporter=json "--outputFile.json=$VITEST_JSON_REPORT")

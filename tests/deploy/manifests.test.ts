@@ -147,6 +147,16 @@ function applyJsonPatch(doc: unknown, ops: unknown[]): void {
       if (parent === undefined) throw new Error(`JSON patch path ${raw.path} does not exist`);
     }
     const value = structuredClone(raw.value);
+    if (raw.op === "test") {
+      const actual = Array.isArray(parent)
+        ? parent[Number(last)]
+        : isRecord(parent)
+          ? parent[last]
+          : undefined;
+      if (JSON.stringify(actual) !== JSON.stringify(value))
+        throw new Error(`JSON patch test failed at ${raw.path}: ${JSON.stringify(actual)}`);
+      continue;
+    }
     if (Array.isArray(parent)) {
       const i = last === "-" ? parent.length : Number(last);
       if (raw.op === "add") parent.splice(i, 0, value);
@@ -208,7 +218,7 @@ function kubectlKustomize(dir: string): K8s[] {
   return parseAllDocuments(r.stdout).map((d) => d.toJS() as K8s);
 }
 
-const RENDERS = ["base", "overlays/dev", "overlays/production"] as const;
+const RENDERS = ["base", "overlays/dev", "overlays/production", "overlays/lmtp"] as const;
 /** Rendered once: with kubectl when installed (the real thing), else with build(). */
 const rendered = Object.fromEntries(
   RENDERS.map((r) => [r, hasKubectl ? kubectlKustomize(join(k8sDir, r)) : build(join(k8sDir, r))]),
@@ -484,6 +494,15 @@ describe.each(RENDERS)("rendered %s", (render) => {
     const mounting = objs.filter((o) =>
       (podSpecOf(o)?.volumes ?? []).some((v) => v.persistentVolumeClaim?.claimName === "mail-storage"),
     );
+    const mdaEnv = envOf(objs, deps.find((d) => d.metadata.name === "mda")!);
+    if (mdaEnv.get("MDA_BACKEND") === "lmtp") {
+      // LMTP mode: Dovecot owns the mailboxes; no mail volume, no claim, an LMTP server to talk to
+      expect(mounting).toEqual([]);
+      expect(objs.filter((o) => o.kind === "PersistentVolumeClaim")).toEqual([]);
+      expect(mdaEnv.get("LMTP_URL")).toMatch(/^(lmtp:\/\/[\w.-]+:\d+|unix:\/.+)$/);
+      expect(mdaEnv.has("MAILDIR_ROOT")).toBe(false);
+      return;
+    }
     expect(mounting.map((o) => `${o.kind}/${o.metadata.name}`)).toEqual(["Deployment/mda"]);
     const pvc = ofKind<IPersistentVolumeClaim>(objs, "PersistentVolumeClaim").find(
       (p) => p.metadata.name === "mail-storage",
@@ -579,6 +598,8 @@ describe.each(RENDERS)("rendered %s", (render) => {
       expect(out.includes(25), d.metadata.name).toBe(serviceOf(d) === "delivery");
       // Redis only for the services that are given REDIS_URL
       expect(out.includes(6379), d.metadata.name).toBe(envOf(objs, d).has("REDIS_URL"));
+      // LMTP (24) only for mda in LMTP mode
+      expect(out.includes(24), d.metadata.name).toBe(envOf(objs, d).get("MDA_BACKEND") === "lmtp");
     }
   });
 
@@ -628,6 +649,25 @@ describe("overlays", () => {
     for (const h of hpas) expect([h.spec?.minReplicas, h.spec?.maxReplicas], h.metadata.name).toEqual([1, 1]);
     expect(ofKind<ScaledObject>(objs, "ScaledObject")).toEqual([]);
     for (const d of deployments(objs)) expect(mainContainer(d).image).toBe("mailpipe:dev");
+  });
+
+  it("lmtp: production with mda handing copies to Dovecot over LMTP, and no mail volume at all", () => {
+    const objs = rendered["overlays/lmtp"];
+    const prod = rendered["overlays/production"];
+    const mda = deployments(objs).find((d) => d.metadata.name === "mda")!;
+    const env = envOf(objs, mda);
+    expect(env.get("MDA_BACKEND")).toBe("lmtp");
+    expect(env.get("LMTP_URL")).toBe("lmtp://dovecot:24");
+    expect(podSpecOf(mda as unknown as K8s)?.volumes?.map((v) => v.name)).toEqual(["tmp", "directory"]);
+    expect(mainContainer(mda).volumeMounts?.map((m) => m.name)).toEqual(["tmp", "directory"]);
+    // everything else as in production
+    const names = (o: K8s[]) => o.map((x) => `${x.kind}/${x.metadata.name}`).sort();
+    expect(names(objs)).toEqual(
+      names(prod)
+        .filter((n) => n !== "PersistentVolumeClaim/mail-storage")
+        .concat(["NetworkPolicy/dovecot-lmtp", "NetworkPolicy/mda-lmtp"])
+        .sort(),
+    );
   });
 
   it("base keeps delivery's CPU autoscaler and ships no placeholder secret", () => {
@@ -730,6 +770,44 @@ describe("docker-compose.yml", () => {
       const source = v.split(":")[0]!;
       if (source.startsWith("./")) expect(existsSync(join(root, source)), source).toBe(true);
     }
+  });
+
+  it("LMTP mode (deploy/compose/lmtp.yml): mda talks LMTP to Dovecot and mounts no mail volume", () => {
+    // Compose's !override / !reset tags: plain values here
+    const tags = ["override", "reset"].flatMap((t) =>
+      (["seq", "map"] as const).map((collection) => ({
+        tag: `!${t}`,
+        collection,
+        resolve: (v: unknown) => v,
+      })),
+    );
+    const overlay = parse(readFileSync(join(root, "deploy", "compose", "lmtp.yml"), "utf8"), {
+      customTags: tags as never,
+    }) as { services: Record<string, ComposeService & { depends_on?: unknown }> };
+    const mda = overlay.services.mda!;
+    expect(mda.environment).toEqual({ MDA_BACKEND: "lmtp", LMTP_URL: "lmtp://dovecot:24" });
+    expect(mda.volumes).toEqual(["./deploy/compose:/etc/mailpipe:ro"]);
+    expect(mda.depends_on).toContain("dovecot");
+    // Compose merges an override file service by service, key by key (!override replaces a key)
+    const merged = Object.fromEntries(
+      [...new Set([...Object.keys(compose.services), ...Object.keys(overlay.services)])].map((n) => [
+        n,
+        { ...compose.services[n], ...overlay.services[n] } as ComposeService,
+      ]),
+    );
+    const mounting = Object.entries(merged)
+      .filter(([, s]) => s.volumes?.some((v) => v.split(":")[0] === "mail"))
+      .map(([n]) => n);
+    expect(mounting.sort()).toEqual(["dovecot", "mail-init"]);
+    // the Dovecot config serves LMTP on 24 with Sieve, and leaves Delivered-To to mda
+    const conf = readFileSync(join(root, "deploy", "dovecot", "dovecot.conf"), "utf8");
+    expect(conf).toMatch(/^protocols = imap lmtp$/m);
+    expect(conf).toMatch(/service lmtp \{\s+inet_listener lmtp \{\s+port = 24\s+\}/);
+    expect(conf).toMatch(/mail_plugins = \$mail_plugins sieve/);
+    expect(conf).toMatch(/^lmtp_hdr_delivery_address = none$/m);
+    expect(svc("dovecot").volumes).toContain(
+      "./deploy/dovecot/spam-to-junk.sieve:/etc/dovecot/sieve/spam-to-junk.sieve:ro",
+    );
   });
 
   it("mounts the directory and TLS files from deploy/compose, read-only, where they are read", () => {

@@ -58,6 +58,7 @@ domains:
   example.org:
     enforceDmarc: false
     spfRejectAtMailFrom: true
+    spamToJunk: false
 users:
   Alice@example.test:
     password: "${hash}"
@@ -89,9 +90,21 @@ aliases:
     expect(d.quota("alice+lists@example.test")).toBe(500 * 1024 ** 2);
     expect(d.quota("carol@example.test")).toBeUndefined(); // "unlimited" lifts the default
     expect(d.quota("nobody@example.test")).toBeUndefined();
-    expect(d.domainPolicy("example.test")).toEqual({ enforceDmarc: true, spfRejectAtMailFrom: false });
-    expect(d.domainPolicy("example.org")).toEqual({ enforceDmarc: false, spfRejectAtMailFrom: true });
-    expect(d.domainPolicy("elsewhere.test")).toEqual({ enforceDmarc: true, spfRejectAtMailFrom: false });
+    expect(d.domainPolicy("example.test")).toEqual({
+      enforceDmarc: true,
+      spfRejectAtMailFrom: false,
+      spamToJunk: true,
+    });
+    expect(d.domainPolicy("example.org")).toEqual({
+      enforceDmarc: false,
+      spfRejectAtMailFrom: true,
+      spamToJunk: false,
+    });
+    expect(d.domainPolicy("elsewhere.test")).toEqual({
+      enforceDmarc: true,
+      spfRejectAtMailFrom: false,
+      spamToJunk: true,
+    });
     expect(d.dkim("example.test")).toEqual({ selector: "mail", algorithm: "rsa-sha256", privateKey: rsaPem });
     expect(d.dkim("example.org")).toBeUndefined();
     expect(d.files).toEqual([file, join(dir, "keys", "example.test.mail.pem")]);

@@ -75,11 +75,14 @@ export interface DomainPolicy {
   enforceDmarc: boolean;
   /** mx refuses an SPF hard fail (-all) at MAIL FROM */
   spfRejectAtMailFrom: boolean;
+  /** mda (MDA_BACKEND=maildir) files a message the spam filter marked (X-Spam: Yes…) into Junk */
+  spamToJunk: boolean;
 }
 
 const DEFAULT_POLICY: Readonly<DomainPolicy> = Object.freeze({
   enforceDmarc: true,
   spfRejectAtMailFrom: false,
+  spamToJunk: true,
 });
 
 interface DomainInfo {
@@ -297,6 +300,7 @@ export class Directory {
         policy: {
           enforceDmarc: entry?.enforceDmarc ?? DEFAULT_POLICY.enforceDmarc,
           spfRejectAtMailFrom: entry?.spfRejectAtMailFrom ?? DEFAULT_POLICY.spfRejectAtMailFrom,
+          spamToJunk: entry?.spamToJunk ?? DEFAULT_POLICY.spamToJunk,
         },
         dkim,
       });

@@ -12,6 +12,7 @@
  *     quota: 1G                  # default per-user quota for this domain (optional)
  *     enforceDmarc: true         # mx refuses DMARC p=reject failures (default true)
  *     spfRejectAtMailFrom: false # mx refuses SPF hard fail (-all) at MAIL FROM (default false)
+ *     spamToJunk: true           # mda (Maildir mode) files mail marked as spam into Junk (default true)
  *   example.org:                 # a domain with no settings
  * users:
  *   alice@example.test:
@@ -91,6 +92,7 @@ export const DomainEntry = z
     quota: Size.optional(),
     enforceDmarc: z.boolean().optional(),
     spfRejectAtMailFrom: z.boolean().optional(),
+    spamToJunk: z.boolean().optional(),
   })
   .nullable();
 export type DomainEntry = z.infer<typeof DomainEntry>;

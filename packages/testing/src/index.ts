@@ -9,6 +9,15 @@ export {
   type StartDnsServerOptions,
   startDnsServer,
 } from "./dns-server.ts";
+export {
+  type DovecotHandle,
+  type DovecotUser,
+  type ImapMessage,
+  imapFetchAll,
+  lmtpSettings,
+  type StartDovecotOptions,
+  startDovecot,
+} from "./dovecot.ts";
 export { type OtlpReceiver, type ReceivedSpan, startOtlpReceiver } from "./otlp-receiver.ts";
 export {
   freePort,

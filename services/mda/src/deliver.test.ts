@@ -75,7 +75,10 @@ afterEach(async () => {
 const DIRECTORY = (carolQuota: string) => `
 domains:
   example.test:
+  example.net:
+    spamToJunk: false
 users:
+  dave@example.net: {}
   alice@example.test: {}
   bob@example.test: {}
   carol@example.test:
@@ -392,6 +395,43 @@ describe("local delivery", () => {
     ).toBe(true);
   });
 
+  it("files a message the spam filter marked into Junk, unless the domain turned spamToJunk off", async () => {
+    const h = await harness();
+    const spam = Buffer.from("From: s@remote.test\r\nX-Spam: Yes\r\nSubject: cheap\r\n\r\nbuy\r\n");
+    const ham = Buffer.from("From: s@remote.test\r\nX-Spam: No\r\nSubject: hi\r\n\r\nX-Spam: Yes\r\n");
+    await send(
+      request(await storeBody(spam), [
+        { mailbox: "alice@example.test", address: "alice@example.test", attempt: 1 },
+        // spam wins over a +tag folder
+        { mailbox: "bob@example.test", address: "bob+news@example.test", folder: "news", attempt: 1 },
+        // example.net has spamToJunk: false
+        { mailbox: "dave@example.net", address: "dave@example.net", attempt: 1 },
+      ]),
+    );
+    await send(
+      request(await storeBody(ham), [
+        { mailbox: "alice@example.test", address: "alice@example.test", attempt: 1 },
+      ]),
+    );
+    await waitFor(() => h.statuses.length === 4);
+    expect(h.statuses.every((s) => s.outcome === "delivered")).toBe(true);
+    const junk = join(h.root, "example.test/alice/Maildir/.Junk");
+    expect(await files(join(junk, "new"))).toHaveLength(1);
+    expect(existsSync(join(junk, "maildirfolder"))).toBe(true);
+    expect(await readFile(join(h.root, "example.test/alice/Maildir/subscriptions"), "utf8")).toContain(
+      "Junk",
+    );
+    const [inboxCopy] = await files(join(h.root, "example.test/alice/Maildir/new"));
+    expect(await readFile(join(h.root, "example.test/alice/Maildir/new", inboxCopy!), "utf8")).toContain(
+      "Subject: hi",
+    );
+    expect(await files(join(h.root, "example.test/alice/Maildir/new"))).toHaveLength(1);
+    expect(await files(join(h.root, "example.test/bob/Maildir/.Junk/new"))).toHaveLength(1);
+    expect(await files(join(h.root, "example.test/bob/Maildir/.news/new"))).toEqual([]);
+    expect(await files(join(h.root, "example.net/dave/Maildir/new"))).toHaveLength(1);
+    expect(existsSync(join(h.root, "example.net/dave/Maildir/.Junk"))).toBe(false);
+  });
+
   it("never writes a second copy of a redelivered request, and reports delivered again", async () => {
     const h = await harness();
     const ref = await storeBody(Buffer.from("Subject: once\r\n\r\nonly once\r\n"));
@@ -594,7 +634,8 @@ describe("local delivery", () => {
       .update(body)
       .digest("hex");
     expect(createHash("sha256").update(written).digest("hex")).toBe(expected);
-    expect(h.bodyCalls).toEqual({ read: 2, readBuffer: 0 }); // streamed, once per recipient
+    // streamed, once per recipient, plus the first 64 KiB once for the spamToJunk rule
+    expect(h.bodyCalls).toEqual({ read: 3, readBuffer: 0 });
   }, 120_000);
 
   it("defers with 451 4.3.0 on a filesystem error, logging the path but keeping it out of the reply", async () => {

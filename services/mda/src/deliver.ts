@@ -1,4 +1,5 @@
 import { relative } from "node:path";
+import { Readable } from "node:stream";
 import {
   BodyIntegrityError,
   BodyNotFoundError,
@@ -9,22 +10,27 @@ import {
   outcome,
 } from "@mailpipe/bus";
 import {
+  isPermanent,
   type LocalDeliveryRequest,
   parseAddress,
+  parseRemoteReply,
   RecipientStatus,
   type Reply,
   replies,
+  type Outcome as StatusOutcome,
   statusMsgId,
   subjects,
 } from "@mailpipe/contracts";
 import type { Directory } from "@mailpipe/directory";
 import { attr, inSpan, type Telemetry } from "@mailpipe/telemetry";
 import type { Redis } from "ioredis";
+import type { LmtpClient } from "./lmtp.ts";
 import {
   DirSyncer,
   deliveryHeader,
   type Folder,
   MaildirStore,
+  markedAsSpam,
   messageName,
   TmpInUseError,
 } from "./maildir.ts";
@@ -53,9 +59,22 @@ export function doneKey(queueId: string, address: string): string {
 type Recipient = LocalDeliveryRequest["recipients"][number];
 
 type CopyResult =
-  | { outcome: "delivered" | "deferred"; reply: Reply }
-  /** another worker holds this copy's tmp file: try the request again later, report nothing now */
-  | { outcome: "busy" };
+  | { outcome: StatusOutcome; reply: Reply }
+  /**
+   * another worker holds this copy's tmp file, or (LMTP) Redis cannot say whether the copy was
+   * delivered already: try the request again later, report nothing now
+   */
+  | { outcome: "busy"; reason: string };
+
+/** The marker's value in LMTP mode: `lmtp <code> <enhanced> <text>`, Dovecot's reply. */
+function lmtpMarker(r: Reply): string {
+  return `lmtp ${r.code} ${r.enhanced} ${r.text}`;
+}
+
+function replyOfMarker(value: string): Reply | undefined {
+  const m = /^lmtp (2\d\d) (.*)$/s.exec(value);
+  return m ? parseRemoteReply(Number(m[1]), m[2]!) : undefined;
+}
 
 export interface DelivererDeps {
   maildirRoot: string;
@@ -66,9 +85,14 @@ export interface DelivererDeps {
   ackWaitMs: number;
   bus: Pick<Bus, "publish" | "emit">;
   bodies: Pick<BodyStore, "read" | "readBuffer">;
-  redis: Pick<Redis, "exists" | "set">;
+  redis: Pick<Redis, "exists" | "get" | "set">;
+  /**
+   * MDA_BACKEND=lmtp: each copy goes over LMTP to this server (Dovecot), which files it (Sieve)
+   * and keeps the quota; nothing is written here, and maildirRoot is not used
+   */
+  lmtp?: LmtpClient;
   /** the directory in use (it reloads, so ask per delivery) */
-  directory: () => Pick<Directory, "quota">;
+  directory: () => Pick<Directory, "quota" | "domainPolicy">;
   telemetry: Telemetry;
   /** MDA_MAX_AUTO_FOLDERS: +tag folders are created only below this many folders (default 50; 0 = never) */
   maxAutoFolders?: number;
@@ -168,10 +192,37 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
     log.error({ recipient, err: { name: e?.name, message: e?.message } }, "delivery failed; deferring");
   }
 
+  /** The first bytes of a body too large to buffer: enough for its header section (at most 64 KiB). */
+  async function headOf(request: LocalDeliveryRequest): Promise<Buffer> {
+    const stream = await bodies.read(request.body);
+    const chunks: Buffer[] = [];
+    let size = 0;
+    try {
+      for await (const chunk of stream) {
+        const b = chunk as Buffer;
+        chunks.push(b);
+        size += b.length;
+        const head = Buffer.concat(chunks);
+        if (size >= 64 * 1024 || head.includes("\r\n\r\n") || head.includes("\n\n")) break;
+      }
+    } finally {
+      stream.destroy();
+    }
+    return Buffer.concat(chunks);
+  }
+
+  /** The domain's spamToJunk rule (directory, default on): a message marked as spam goes to Junk. */
+  async function spamToJunk(rcpt: Recipient, head: () => Promise<Buffer>): Promise<boolean> {
+    const domain = parseAddress(rcpt.mailbox)?.domain;
+    if (!domain || !deps.directory().domainPolicy(domain).spamToJunk) return false;
+    return markedAsSpam(await head());
+  }
+
   async function copy(
     request: LocalDeliveryRequest,
     rcpt: Recipient,
     smallBody: () => Promise<Buffer>,
+    head: () => Promise<Buffer>,
   ): Promise<CopyResult> {
     const header = deliveryHeader(request.mailFrom, rcpt.address);
     const size = header.length + request.body.size;
@@ -186,7 +237,8 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
         log.info({ recipient: rcpt.address }, "already delivered; reporting it again");
         return { outcome: "delivered", reply: replies.delivered("Delivered to maildir") };
       }
-      folder = await store.folder(rcpt.mailbox, rcpt.folder);
+      const junk = await spamToJunk(rcpt, head);
+      folder = junk ? await store.junk(rcpt.mailbox) : await store.folder(rcpt.mailbox, rcpt.folder);
       const path = relative(deps.maildirRoot, `${folder.dir}/new/${name}`);
       if (await store.delivered(folder.dir, name)) {
         duplicates.inc();
@@ -210,23 +262,127 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
       // a +tag whose folder does not exist and was not created (special-use name, or too many folders)
       const inbox =
         rcpt.folder !== undefined && folder.folder === undefined ? { tagFolder: rcpt.folder } : {};
-      log.info({ recipient: rcpt.address, path, size, ...inbox }, "delivered");
+      log.info(
+        { recipient: rcpt.address, path, size, ...inbox, ...(junk ? { spam: true } : {}) },
+        "delivered",
+      );
       return { outcome: "delivered", reply: replies.delivered("Delivered to maildir") };
     } catch (err) {
       if (reserved && folder) quotas.release(folder.maildir, quota, size);
       if (err instanceof TmpInUseError) {
         log.warn({ recipient: rcpt.address }, "another worker is writing this copy; will retry the request");
-        return { outcome: "busy" };
+        return { outcome: "busy", reason: "a copy is being written by another worker" };
       }
       logFailure(err, rcpt.address);
       return { outcome: "deferred", reply: replyForError(err) };
     }
   }
 
+  /**
+   * MDA_BACKEND=lmtp: one LMTP transaction per copy. Dovecot adds Return-Path (from MAIL FROM);
+   * Delivered-To is prepended here, as in Maildir mode. Idempotence: the `mda:done` marker holds
+   * Dovecot's 250 and is written before the status is published and the request acked, so a
+   * redelivery (crash, nak, lost ack) reports that reply again instead of delivering twice.
+   */
+  async function lmtpCopy(
+    lmtp: LmtpClient,
+    request: LocalDeliveryRequest,
+    rcpt: Recipient,
+    smallBody: () => Promise<Buffer>,
+  ): Promise<CopyResult> {
+    const key = doneKey(request.queueId, rcpt.address);
+    let marker: string | null;
+    try {
+      marker = await redis.get(key);
+    } catch (err) {
+      // unlike a Maildir, Dovecot cannot be asked whether it has the copy: wait for Redis
+      redisWarn(err, "Redis unavailable for the duplicate check; LMTP deliveries wait for it");
+      return { outcome: "busy", reason: "Redis is unavailable for the duplicate check" };
+    }
+    if (marker !== null) {
+      duplicates.inc();
+      log.info({ recipient: rcpt.address }, "already delivered; reporting it again");
+      return {
+        outcome: "delivered",
+        reply: replyOfMarker(marker) ?? replies.delivered("Delivered over LMTP"),
+      };
+    }
+    const header = Buffer.from(`Delivered-To: ${rcpt.address}\r\n`, "utf8");
+    // a +tag folder goes to Dovecot as the address's detail (recipient_delimiter = +)
+    const at = rcpt.mailbox.lastIndexOf("@");
+    const to =
+      rcpt.folder === undefined
+        ? rcpt.mailbox
+        : `${rcpt.mailbox.slice(0, at)}+${rcpt.folder}${rcpt.mailbox.slice(at)}`;
+    const started = performance.now();
+    let result: Awaited<ReturnType<LmtpClient["deliver"]>>;
+    try {
+      result = await lmtp.deliver({ from: request.mailFrom, to }, async () => {
+        if (request.body.size <= MAX_BUFFERED_BODY) return Buffer.concat([header, await smallBody()]);
+        const rest = await bodies.read(request.body);
+        return Readable.from(
+          (async function* () {
+            yield header;
+            yield* rest;
+          })(),
+          { objectMode: false },
+        );
+      });
+    } catch (err) {
+      // the body could not be read (our side): nothing was sent
+      logFailure(err, rcpt.address);
+      return { outcome: "deferred", reply: replies.localError() };
+    }
+    const r = result.reply;
+    if (result.kind === "failed") {
+      log.error(
+        { recipient: rcpt.address, lmtp: lmtp.target, err: result.detail },
+        "LMTP delivery failed; deferring",
+      );
+      return { outcome: "deferred", reply: r };
+    }
+    if (r.code < 300) {
+      writeSeconds.observe((performance.now() - started) / 1000);
+      bytesWritten.inc(header.length + request.body.size);
+      await markDoneLmtp(key, r, rcpt.address);
+      log.info(
+        { recipient: rcpt.address, mailbox: to, reply: `${r.code} ${r.enhanced} ${r.text}` },
+        "delivered",
+      );
+      return { outcome: "delivered", reply: r };
+    }
+    // 5xx (unknown user, 552 5.2.2 quota for good) bounces; 4xx (452 4.2.2 quota for now, 451) defers
+    const outcome: StatusOutcome = isPermanent(r) ? "bounced" : "deferred";
+    log.warn(
+      { recipient: rcpt.address, mailbox: to, reply: `${r.code} ${r.enhanced} ${r.text}` },
+      outcome === "bounced" ? "LMTP server refused the copy; bouncing" : "LMTP server deferred the copy",
+    );
+    return { outcome, reply: r };
+  }
+
+  async function markDoneLmtp(key: string, r: Reply, recipient: string): Promise<void> {
+    // the only guard against a second copy after a crash: try a few times before giving up
+    for (let i = 0; ; i++) {
+      try {
+        await redis.set(key, lmtpMarker(r), "EX", MARKER_TTL_SECONDS);
+        return;
+      } catch (err) {
+        if (i >= 2) {
+          log.error(
+            { recipient, err: (err as Error).message },
+            "could not record the LMTP delivery in Redis; should this request be redelivered, the copy would be delivered again",
+          );
+          return;
+        }
+        await new Promise((resolve) => setTimeout(resolve, 200 * (i + 1)));
+      }
+    }
+  }
+
   async function report(
     request: LocalDeliveryRequest,
     rcpt: Recipient,
-    result: "delivered" | "deferred",
+    result: StatusOutcome,
     r: Reply,
   ): Promise<void> {
     const status: RecipientStatus = {
@@ -262,12 +418,18 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
       small ??= bodies.readBuffer(request.body, hctx?.attachment);
       return small;
     };
+    // the header section, for the spamToJunk rule: read once per request
+    let headRead: Promise<Buffer> | undefined;
+    const head = () => {
+      headRead ??= request.body.size <= MAX_BUFFERED_BODY ? smallBody() : headOf(request);
+      return headRead;
+    };
     const reports: Promise<void>[] = [];
-    let busy = false;
+    let busy: string | undefined;
     for (const rcpt of request.recipients) {
       const result = await inSpan(
         tracer,
-        "maildir.write",
+        deps.lmtp ? "lmtp.deliver" : "maildir.write",
         {
           attributes: {
             [attr.queueId]: request.queueId,
@@ -277,7 +439,9 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
           },
         },
         async (span) => {
-          const r = await copy(request, rcpt, smallBody);
+          const r = deps.lmtp
+            ? await lmtpCopy(deps.lmtp, request, rcpt, smallBody)
+            : await copy(request, rcpt, smallBody, head);
           span.setAttribute(attr.outcome, r.outcome);
           if (r.outcome !== "busy") {
             span.setAttribute(attr.replyCode, r.reply.code);
@@ -287,7 +451,7 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
         },
       );
       if (result.outcome === "busy") {
-        busy = true;
+        busy = result.reason;
         continue;
       }
       deliveries.inc({ outcome: result.outcome });
@@ -301,7 +465,7 @@ export function createDeliverer(deps: DelivererDeps): Deliverer {
     const failed = settled.find((s) => s.status === "rejected");
     // the bus naks and JetStream redelivers; the duplicate checks make that safe
     if (failed) throw failed.reason;
-    if (busy) return outcome.retry(staleTmpMs, "a copy is being written by another worker");
+    if (busy) return outcome.retry(staleTmpMs, busy);
   }
 
   return { handle, store };

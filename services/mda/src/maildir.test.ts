@@ -15,6 +15,7 @@ import {
   LruSet,
   MaildirStore,
   mailboxDir,
+  markedAsSpam,
   messageName,
   TmpInUseError,
 } from "./maildir.ts";
@@ -364,5 +365,20 @@ describe("DirSyncer (group commit)", () => {
     const syncer = new DirSyncer();
     await Promise.all([syncer.sync(dir.path), syncer.sync(dir.path)]);
     expect(syncer.syncs).toBe(1);
+  });
+});
+
+describe("markedAsSpam", () => {
+  const msg = (head: string) => Buffer.from(`${head}\r\n\r\nX-Spam: Yes (in the body: not a header)\r\n`);
+  it("reads the spam filter's verdict from the header section only", () => {
+    expect(markedAsSpam(msg("From: a@b.test\r\nX-Spam: Yes"))).toBe(true);
+    expect(markedAsSpam(msg("X-Spam-Flag: YES\r\nSubject: x"))).toBe(true);
+    expect(markedAsSpam(msg("X-Spam-Status: Yes, score=9.1\r\n required=5.0"))).toBe(true);
+    expect(markedAsSpam(msg("x-spam:\r\n yes"))).toBe(true); // folded
+    expect(markedAsSpam(msg("X-Spam-Status: No, score=0.1"))).toBe(false);
+    expect(markedAsSpam(msg("X-Spam: No"))).toBe(false);
+    expect(markedAsSpam(msg("X-Spam-Score: 12.0\r\nSubject: yes"))).toBe(false);
+    expect(markedAsSpam(msg("Subject: hi"))).toBe(false);
+    expect(markedAsSpam(Buffer.from("Subject: hi\n\nX-Spam: Yes\n"))).toBe(false);
   });
 });

@@ -69,6 +69,22 @@ export function mailboxDir(root: string, mailbox: string): string {
  */
 const RESERVED_FOLDERS = new Set(["inbox", "trash", "junk", "spam", "sent", "drafts", "archive"]);
 
+/** Where mail marked as spam goes (RFC 6154 \\Junk; the name Dovecot's and most clients' defaults use). */
+export const JUNK_FOLDER = "Junk";
+
+/**
+ * Whether a message's header section says a spam filter judged it spam: `X-Spam: Yes` (rspamd),
+ * `X-Spam-Flag: YES` or `X-Spam-Status: Yes, …` (SpamAssassin style). Only the header section of
+ * `head` (the message's first bytes) is read.
+ */
+export function markedAsSpam(head: Buffer): boolean {
+  let end = head.indexOf("\r\n\r\n");
+  if (end < 0) end = head.indexOf("\n\n");
+  const section = head.subarray(0, end < 0 ? head.length : end).toString("latin1");
+  const unfolded = section.replace(/\r?\n[ \t]+/g, " ");
+  return /^(x-spam|x-spam-flag|x-spam-status)[ \t]*:[ \t]*yes\b/im.test(unfolded);
+}
+
 /** Whether a +tag names a special-use folder, also in Dovecot's `INBOX.<name>` form (any case). */
 export function isReservedFolder(tag: string): boolean {
   const name = tag.toLowerCase();
@@ -301,6 +317,13 @@ export class MaildirStore {
     }
     await this.#prepare(maildir, undefined);
     return { maildir, dir: maildir };
+  }
+
+  /** The mailbox's Junk folder (spam filed by the domain's spamToJunk rule), created when missing. */
+  async junk(mailbox: string): Promise<Folder> {
+    const maildir = mailboxDir(this.root, mailbox);
+    await this.#prepare(maildir, JUNK_FOLDER);
+    return { maildir, dir: join(maildir, `.${JUNK_FOLDER}`), folder: JUNK_FOLDER };
   }
 
   /** Whether `new/<name>` is there; if so, makes sure its directory entry is on disk. */
