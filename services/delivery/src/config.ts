@@ -1,5 +1,6 @@
 import { baseConfig, bool, duration, port } from "@mailpipe/service-kit";
 import { z } from "zod";
+import { tlsPolicySetting } from "./tls-policy.ts";
 
 const count = (defaultValue: number, max = 100_000) =>
   z.coerce.number().int().min(1).max(max).default(defaultValue);
@@ -31,10 +32,23 @@ export const config = baseConfig.extend({
   SMTP_DATA_BLOCK_TIMEOUT: positive("3m"),
   /** RFC 5321 4.5.3.2: the reply after the final dot */
   SMTP_DATA_DONE_TIMEOUT: positive("10m"),
-  /** false: opportunistic TLS takes any certificate; true: a certificate must verify for the MX name */
+  /**
+   * the default TLS policy for destinations with none of their own: false: opportunistic (TLS when
+   * offered, any certificate); true: verify (TLS with a certificate valid for the MX name)
+   */
   SMTP_TLS_VERIFY: bool(false),
-  /** retry a host without TLS when its STARTTLS handshake fails (only with SMTP_TLS_VERIFY=false) */
+  /** retry a host without TLS when its STARTTLS handshake fails (only under an opportunistic policy) */
   SMTP_TLS_FALLBACK_PLAIN: bool(true),
+  /**
+   * per destination (domain, "mx:<host>", "mx:*.<suffix>"): opportunistic | required | verify, YAML
+   * or JSON; wins over MTA-STS, DANE and the default
+   */
+  TLS_POLICY: tlsPolicySetting(),
+  /**
+   * PEM file of CA certificates trusted besides Node's bundled roots, for MX certificates and
+   * MTA-STS policy hosts (a private CA; the tests' CA)
+   */
+  OUTBOUND_TLS_CA_FILE: z.string().default(""),
   SMTP_REUSE_CONNECTIONS: bool(true),
   SMTP_MAX_MESSAGES_PER_CONNECTION: count(100),
   SMTP_IDLE_CONNECTION_TIMEOUT: positive("30s"),
