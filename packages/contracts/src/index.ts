@@ -49,3 +49,13 @@ export {
   token,
   topology,
 } from "./subjects.ts";
+export {
+  type DayResults,
+  type FailureCount,
+  parseDayResults,
+  type ReportPolicy,
+  type StsPolicy,
+  type TlsPolicyType,
+  tlsDayOf,
+  tlsKeys,
+} from "./tls-state.ts";

@@ -43,7 +43,8 @@ export const ClientInfo = z.strictObject({
 export const QueuedMail = z.strictObject({
   v: z.literal(1),
   queueId: QueueId,
-  source: z.enum(["mx", "msa", "dsn"]),
+  /** report: a TLS-RPT aggregate report (delivery publishes it) */
+  source: z.enum(["mx", "msa", "dsn", "report"]),
   receivedAt: Timestamp,
   envelope: Envelope,
   body: z.union([AttachedBody, ObjectBodyRef]),

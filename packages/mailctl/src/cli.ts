@@ -3,6 +3,7 @@ import { connect } from "@nats-io/transport-node";
 import { dkimCommand } from "./dkim.ts";
 import { CommandError, type Io, UsageError } from "./io.ts";
 import { queueCommand } from "./queue.ts";
+import { tlsCommand } from "./tls.ts";
 import { trackCommand } from "./track.ts";
 import { userCommand } from "./user.ts";
 
@@ -20,6 +21,8 @@ export const USAGE = `mailctl: operate a mailpipe installation
                                             remove a scheduled retry, sending a bounce (default) or not
   mailctl track <queue id | <Message-ID> | address> [--since 24h] [--json]
                                             the message's timeline across every service, with its trace id
+  mailctl tls <domain> [--json]             the MTA-STS policy delivery cached for the domain, and its
+                                            TLS results (sessions ok, failures by type) of the last 7 days
 
 Environment: DIRECTORY_FILE (/etc/mailpipe/directory.yaml), NATS_URL (nats://127.0.0.1:4222),
 REDIS_URL (redis://127.0.0.1:6379), TRACE_VIEW_URL (e.g. http://localhost:16686/trace/{traceId}).
@@ -81,6 +84,9 @@ export async function run(argv: string[], io: Io): Promise<number> {
         return 0;
       case "queue":
         await queueCommand(rest, flags, io);
+        return 0;
+      case "tls":
+        await tlsCommand(rest, flags, io);
         return 0;
       case "track": {
         if (!rest[0]) throw new UsageError("usage: mailctl track <queue id | <Message-ID> | address>");
