@@ -116,8 +116,9 @@ export function buildReport(r: DayResults, o: { organization: string; contact: s
         ? {
             "failure-details": failures.slice(0, MAX_FAILURE_ROWS).map((f) => ({
               "result-type": f.resultType,
-              "receiving-mx-hostname": f.mxHost,
-              "receiving-ip": f.ip,
+              // a policy that could not be fetched failed before any MX was chosen
+              ...(f.mxHost ? { "receiving-mx-hostname": f.mxHost } : {}),
+              ...(f.ip ? { "receiving-ip": f.ip } : {}),
               "failed-session-count": f.count,
             })),
           }
