@@ -63,10 +63,24 @@ beforeAll(async () => {
   dir = await tempDir("delivery-mta-sts");
   caFile = path.join(dir.path, "ca.pem");
   await writeFile(caFile, ca.cert);
-  const policyCert = await ca.issue(["mta-sts.sts.test", "mta-sts.testing.test", "mta-sts.mismatch.test"]);
+  const policyCert = await ca.issue([
+    "mta-sts.sts.test",
+    "mta-sts.testing.test",
+    "mta-sts.mismatch.test",
+    "mta-sts.slow.test",
+    "mta-sts.big.test",
+  ]);
   policyServer = https.createServer({ key: policyCert.key, cert: policyCert.cert }, (req, res) => {
     fetches++;
     const domain = (req.headers.host ?? "").replace(/^mta-sts\./, "");
+    if (domain === "slow.test") return; // never answers
+    if (domain === "big.test") {
+      res.writeHead(200, { "content-type": "text/plain" });
+      res.end(
+        `version: STSv1\r\nmode: enforce\r\nmx: mx.big.test\r\nmax_age: 86400\r\n${"x: y\r\n".repeat(20_000)}`,
+      );
+      return;
+    }
     const text = policies.get(domain);
     if (req.url !== "/.well-known/mta-sts.txt" || !text) {
       res.writeHead(404).end();
@@ -337,5 +351,26 @@ describe("MTA-STS", () => {
     const [s] = await (await statuses).waitFor(1);
     expect(s!.status.outcome).toBe("delivered");
     expect(peer!.messages).toHaveLength(1);
+  });
+
+  it("bounds the policy fetch in time and size: a host that never answers and a policy over 64 KiB give no policy", async () => {
+    for (const d of ["slow.test", "big.test"]) {
+      dns.set(`_mta-sts.${d}`, { TXT: ["v=STSv1; id=1"], ttl: 0 });
+      dns.set(`mta-sts.${d}`, { A: [POLICY_HOST] });
+    }
+    const delivery = await worker(25, { MTA_STS_FETCH_TIMEOUT: "500ms" });
+    const slow = await delivery.mtaSts!.lookup("slow.test");
+    expect(slow.policy).toBeUndefined();
+    expect(slow.failure).toMatchObject({ type: "sts-policy-fetch-error" });
+    // the fetch's own deadline ended it (the server never answers)
+    expect(slow.failure!.detail).toMatch(/no policy within 500 ms|timed out/);
+    const big = await delivery.mtaSts!.lookup("big.test");
+    expect(big.policy).toBeUndefined();
+    expect(big.failure).toMatchObject({ type: "sts-policy-invalid" });
+    expect(big.failure!.detail).toMatch(/larger than 65536 bytes/);
+    // held: the next message does not fetch again for the same id
+    const before = fetches;
+    expect((await delivery.mtaSts!.lookup("big.test")).failure?.type).toBe("sts-policy-invalid");
+    expect(fetches).toBe(before);
   });
 });
