@@ -22,6 +22,9 @@ export const MAX_POLICY_BYTES = 64 * 1024;
 const MAX_AGE_LIMIT_SEC = 31_557_600;
 /** A failed fetch is not retried for the same policy id before this (each message would otherwise wait for it). */
 const FAILURE_HOLD_MS = 5 * 60_000;
+/** How long a process trusts its own copy of a domain's Redis entry while the TXT id stays the same. */
+const MEMO_MS = 60_000;
+const MEMO_MAX = 10_000;
 /** A TXT lookup that failed (timeout, SERVFAIL) is not repeated for this long, per domain and process. */
 const DNS_FAILURE_HOLD_MS = 60_000;
 const key = tlsKeys.stsPolicy;
@@ -81,6 +84,8 @@ export class MtaSts {
   readonly #resolve: ReturnType<typeof mailauthResolver>;
   /** domain → until when its TXT lookup is not retried (a DNS outage must not cost every message a timeout) */
   readonly #dnsFailed = new Map<string, number>();
+  /** domain → the policy this process last read from (or wrote to) Redis, none included */
+  readonly #memo = new Map<string, { policy?: StsPolicy; until: number }>();
 
   constructor(o: MtaStsOptions) {
     this.#o = o;
@@ -100,27 +105,35 @@ export class MtaSts {
   async lookup(rawDomain: string): Promise<StsLookup> {
     const domain = rawDomain.toLowerCase().replace(/\.$/, "");
     const { redis, log } = this.#o;
-    let cached: StsPolicy | undefined;
-    try {
-      cached = await this.cached(domain);
-    } catch (err) {
-      log.warn(
-        { err: (err as Error).message, domain },
-        "MTA-STS: cannot read the policy cache in Redis; fetching",
-      );
-    }
-    let id: string | false;
+    let id: string | false | undefined;
     const failedUntil = this.#dnsFailed.get(domain);
-    if (failedUntil !== undefined && failedUntil > Date.now()) return cached ? { policy: cached } : {};
-    try {
-      id = await resolvePolicy(domain, { resolver: this.#resolve as never });
-      this.#dnsFailed.delete(domain);
-    } catch (err) {
-      // a DNS failure (or several STS records): the cached policy, if any, still applies
-      log.info({ domain, err: (err as Error).message }, "MTA-STS: TXT lookup failed");
-      if (this.#dnsFailed.size >= 10_000) this.#dnsFailed.clear();
-      this.#dnsFailed.set(domain, Date.now() + DNS_FAILURE_HOLD_MS);
-      return cached ? { policy: cached } : {};
+    if (failedUntil === undefined || failedUntil <= Date.now()) {
+      try {
+        id = await resolvePolicy(domain, { resolver: this.#resolve as never });
+        this.#dnsFailed.delete(domain);
+      } catch (err) {
+        // a DNS failure (or several STS records): the cached policy, if any, still applies
+        log.info({ domain, err: (err as Error).message }, "MTA-STS: TXT lookup failed");
+        if (this.#dnsFailed.size >= MEMO_MAX) this.#dnsFailed.clear();
+        this.#dnsFailed.set(domain, Date.now() + DNS_FAILURE_HOLD_MS);
+      }
+    }
+    // what this process last read from Redis: with an unchanged id (or no TXT to compare), no
+    // Redis round trip per message
+    const memo = this.#memo.get(domain);
+    const now = Date.now();
+    const live = (p: StsPolicy | undefined) => (p && Date.parse(p.expiresAt) > now ? p : undefined);
+    let cached: StsPolicy | undefined;
+    if (memo && memo.until > now && (!id || memo.policy?.id === id)) {
+      cached = live(memo.policy);
+    } else {
+      try {
+        cached = live(await this.cached(domain));
+        if (this.#memo.size >= MEMO_MAX) this.#memo.clear();
+        this.#memo.set(domain, { ...(cached ? { policy: cached } : {}), until: now + MEMO_MS });
+      } catch (err) {
+        log.warn({ err: (err as Error).message, domain }, "MTA-STS: cannot read the policy cache in Redis");
+      }
     }
     if (!id) return cached ? { policy: cached } : {};
     if (cached && cached.id === id) return { policy: cached };
@@ -139,6 +152,7 @@ export class MtaSts {
         { domain, id, mode: policy.mode, mx: policy.mx, maxAge: policy.maxAge },
         "MTA-STS policy fetched",
       );
+      this.#memo.set(domain, { policy, until: Date.now() + MEMO_MS });
       return { policy };
     } catch (err) {
       const type = err instanceof FetchError ? err.type : "sts-policy-fetch-error";
