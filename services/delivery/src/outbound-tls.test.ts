@@ -1,4 +1,7 @@
+import { writeFile } from "node:fs/promises";
+import { join } from "node:path";
 import { createTelemetry } from "@mailpipe/telemetry";
+import { tempDir } from "@mailpipe/testing";
 import { describe, expect, it } from "vitest";
 import type { Dane } from "./dane.ts";
 import type { MtaSts, StsPolicy } from "./mta-sts.ts";
@@ -61,5 +64,23 @@ describe("choosing the TLS policy of an MX host", () => {
     });
     expect(await decide(rules, "b.both.test")).toMatchObject({ level: "required" });
     expect(await decide(rules, "exact.both.test")).toMatchObject({ level: "opportunistic" });
+  });
+});
+
+describe("OUTBOUND_TLS_CA_FILE", () => {
+  it("names the file and what is wrong with it", async () => {
+    const { trustedCas } = await import("./worker.ts");
+    expect(trustedCas("")).toBeUndefined();
+    expect(() => trustedCas("/nonexistent/ca.pem")).toThrow(
+      /OUTBOUND_TLS_CA_FILE: cannot read \/nonexistent\/ca\.pem \(ENOENT\)/,
+    );
+    const dir = await tempDir("ca-file");
+    try {
+      const file = join(dir.path, "not-a-ca.pem");
+      await writeFile(file, "hello\n");
+      expect(() => trustedCas(file)).toThrow(/holds no PEM certificate/);
+    } finally {
+      await dir.remove();
+    }
   });
 });

@@ -22,7 +22,18 @@ import { type RecipientResult, runTransaction } from "./transaction.ts";
 /** Node's root CAs plus the operator's (OUTBOUND_TLS_CA_FILE); undefined: Node's alone. */
 export function trustedCas(file: string): string[] | undefined {
   if (!file) return undefined;
-  return [...tls.rootCertificates, readFileSync(file, "utf8")];
+  let pem: string;
+  try {
+    pem = readFileSync(file, "utf8");
+  } catch (err) {
+    throw new Error(
+      `OUTBOUND_TLS_CA_FILE: cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}): point it at a PEM file of CA certificates, or leave it empty`,
+    );
+  }
+  if (!pem.includes("-----BEGIN CERTIFICATE-----")) {
+    throw new Error(`OUTBOUND_TLS_CA_FILE: ${file} holds no PEM certificate`);
+  }
+  return [...tls.rootCertificates, pem];
 }
 
 /** The delivery event's `tls`: the policy and what the session negotiated. */
