@@ -51,3 +51,13 @@ export {
   trackBucket,
   trackHash,
 } from "./subjects.ts";
+export {
+  type DayResults,
+  type FailureCount,
+  parseDayResults,
+  type ReportPolicy,
+  type StsPolicy,
+  type TlsPolicyType,
+  tlsDayOf,
+  tlsKeys,
+} from "./tls-state.ts";

@@ -43,7 +43,8 @@ export const ClientInfo = z.strictObject({
 export const QueuedMail = z.strictObject({
   v: z.literal(1),
   queueId: QueueId,
-  source: z.enum(["mx", "msa", "dsn"]),
+  /** report: a TLS-RPT aggregate report (delivery publishes it) */
+  source: z.enum(["mx", "msa", "dsn", "report"]),
   receivedAt: Timestamp,
   envelope: Envelope,
   body: z.union([AttachedBody, ObjectBodyRef]),
@@ -205,6 +206,19 @@ export const MailEvent = z.strictObject({
   reply: Reply.optional(),
   client: z.strictObject({ ip: z.string().max(64), helo: z.string().max(255).optional() }).optional(),
   size: z.number().int().nonnegative().optional(),
+  /** outbound: the TLS policy applied to the session and what it negotiated */
+  tls: z
+    .strictObject({
+      /** none | opportunistic | required | verify | dane */
+      policy: z.string().max(40),
+      /** where the policy came from: default | config | mta-sts | dane */
+      source: z.string().max(40),
+      version: z.string().max(40).optional(),
+      cipher: z.string().max(200).optional(),
+      /** the certificate verified for the MX name (or matched its TLSA records) */
+      verified: z.boolean().optional(),
+    })
+    .optional(),
   /** a short human-readable note, never message content */
   detail: z.string().max(1000).optional(),
 });

@@ -124,6 +124,18 @@ export const replies = {
       retrying ? "No delivery result reported, trying again" : "No delivery result reported",
     ),
   tlsFailed: (detail: string) => reply(451, "4.7.5", `TLS negotiation failed: ${detail}`),
+  /** the destination's TLS policy requires TLS and the host did not offer STARTTLS (as Postfix says it) */
+  outboundTlsRequired: (exchange: string, policy: string) =>
+    reply(451, "4.7.4", `TLS is required (${policy}), but was not offered by ${exchange}`),
+  /** the policy requires a verified certificate (or a DANE match) and this one is not */
+  tlsNotVerified: (exchange: string, policy: string, detail: string) =>
+    reply(451, "4.7.5", `Server certificate of ${exchange} not verified (${policy}): ${detail}`),
+  /** MTA-STS enforce: this MX host is not one the domain's policy names */
+  tlsPolicyMismatch: (exchange: string, domain: string) =>
+    reply(451, "4.7.5", `MX host ${exchange} does not match the MTA-STS policy of ${domain}; not delivering`),
+  /** DANE: the TLSA records could not be looked up (or are not usable) and the zone is signed */
+  daneLookupFailed: (exchange: string, detail: string) =>
+    reply(451, "4.7.5", `DANE TLSA lookup for ${exchange} failed: ${detail}`),
   smtputf8Unsupported: (exchange: string) =>
     reply(553, "5.6.7", `${exchange} does not support SMTPUTF8, which this message requires`),
   blockedAddress: (exchange: string, address: string) =>

@@ -381,6 +381,40 @@ describe("createResolver against the test DNS server", () => {
       { type: "PTR", name: "9.0.0.127.in-addr.arpa", ttl: 60, target: "host.ptr.test" },
     ]);
   });
+
+  it("answers TLSA queries, and says whether the server set AD (validated) on the answer", async () => {
+    const secure = await startDnsServer({ secureZones: ["signed.test"] });
+    try {
+      const data = Buffer.from("a1b2c3", "hex");
+      for (const zone of ["signed.test", "unsigned.test"]) {
+        secure.set(`_25._tcp.mx.${zone}`, { TLSA: [{ usage: 3, selector: 1, matchingType: 1, data }] });
+      }
+      const r = createResolver({ servers: [secure.address], timeoutMs: 1000, tries: 1 });
+      const signed = await r.query("_25._tcp.mx.signed.test", "TLSA");
+      expect(signed.authenticated).toBe(true);
+      expect(signed.answers).toEqual([
+        {
+          type: "TLSA",
+          name: "_25._tcp.mx.signed.test",
+          ttl: 60,
+          usage: 3,
+          selector: 1,
+          matchingType: 1,
+          data,
+        },
+      ]);
+      expect((await r.query("_25._tcp.mx.unsigned.test", "TLSA")).authenticated).toBe(false);
+      // a negative answer in a signed zone is authenticated too (authenticated denial)
+      expect(await r.query("none.signed.test", "A")).toMatchObject({
+        rcode: "NXDOMAIN",
+        authenticated: true,
+      });
+      // and from the cache, the flag stays
+      expect((await r.query("_25._tcp.mx.signed.test", "TLSA")).authenticated).toBe(true);
+    } finally {
+      await secure.stop();
+    }
+  });
 });
 
 describe("the wire protocol", () => {
@@ -443,6 +477,8 @@ describe("the wire protocol", () => {
       const opt = first.additionals?.find((rr) => rr.type === "OPT") as dnsPacket.OptAnswer | undefined;
       expect(opt?.udpPayloadSize).toBe(1232);
       expect(first.flag_rd).toBe(true);
+      // AD in the query: a validating resolver then says whether it validated (RFC 6840 5.7)
+      expect(first.flag_ad).toBe(true);
       expect(first.questions).toEqual([{ name: "random.test", type: "A", class: "IN" }]);
     } finally {
       await server.stop();

@@ -24,6 +24,8 @@ import {
   type RRType,
 } from "./types.ts";
 
+/** The AD bit of the DNS header (RFC 4035 3.2.3). */
+const AD_FLAG = 1 << 5;
 /** CNAME hops followed for one question, inside one answer and across re-queries together. */
 const MAX_CNAME_HOPS = 8;
 /** RFC 2181 8: a TTL with the top bit set is read as zero. */
@@ -159,6 +161,7 @@ function copyAnswer<T extends RRType>(answer: DnsAnswer<T>, ttl: number, ageSec:
     rcode: answer.rcode,
     answers: answer.answers.map((r) => ({ ...r, ttl: Math.max(0, r.ttl - ageSec) })),
     ttl,
+    authenticated: answer.authenticated,
   };
 }
 
@@ -208,7 +211,7 @@ class StubResolver implements DnsResolver {
   async query<T extends RRType>(name: string, type: T): Promise<DnsAnswer<T>> {
     if (!isRRType(type)) throw new TypeError(`unsupported DNS record type: ${String(type)}`);
     const qname = normalizeName(name);
-    if (qname === null) return { rcode: "NXDOMAIN", answers: [], ttl: 0 };
+    if (qname === null) return { rcode: "NXDOMAIN", answers: [], ttl: 0, authenticated: false };
     const key = `${qname} ${type}`;
     const cached = this.fromCache(key);
     if (cached) {
@@ -296,9 +299,10 @@ class StubResolver implements DnsResolver {
   private async resolve(qname: string, type: RRType, hops: number): Promise<DnsAnswer> {
     const { packet, server } = await this.ask({ name: qname, type });
     const w = walk(packet, qname, type, hops, server);
+    const authenticated = ((packet.flags ?? 0) & AD_FLAG) !== 0;
     if (w.records.length > 0) {
       const ttl = Math.min(w.chainTtl, ...w.records.map((r) => r.ttl));
-      return { rcode: "NOERROR", answers: w.records, ttl: this.clamp(ttl) };
+      return { rcode: "NOERROR", answers: w.records, ttl: this.clamp(ttl), authenticated };
     }
     if (w.end !== qname && !w.nxdomain && w.soaTtl === undefined) {
       // The server gave the chain but not where it leads (an authoritative server outside its
@@ -310,10 +314,19 @@ class StubResolver implements DnsResolver {
         rest = await this.resolve(w.end, type, hops + w.hops);
         if (generation === this.generation) this.store(key, rest);
       }
-      return { ...rest, ttl: Math.min(rest.ttl, this.clamp(w.chainTtl)) };
+      return {
+        ...rest,
+        ttl: Math.min(rest.ttl, this.clamp(w.chainTtl)),
+        authenticated: authenticated && rest.authenticated,
+      };
     }
     const negative = Math.min(w.chainTtl, w.soaTtl ?? this.negativeTtl);
-    return { rcode: w.nxdomain ? "NXDOMAIN" : "NOERROR", answers: [], ttl: this.clamp(negative) };
+    return {
+      rcode: w.nxdomain ? "NXDOMAIN" : "NOERROR",
+      answers: [],
+      ttl: this.clamp(negative),
+      authenticated,
+    };
   }
 
   /** Round-robin through the servers, `tries` rounds; the first NOERROR/NXDOMAIN wins. */

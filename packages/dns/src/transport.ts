@@ -38,7 +38,8 @@ function encodeQuery(id: number, q: Question, edns: boolean): Buffer {
   return dnsPacket.encode({
     type: "query",
     id,
-    flags: dnsPacket.RECURSION_DESIRED,
+    // AD in a query asks a validating resolver to say whether it validated the answer (RFC 6840 5.7)
+    flags: dnsPacket.RECURSION_DESIRED | dnsPacket.AUTHENTIC_DATA,
     questions: [{ type: q.type, name: q.name, class: "IN" }],
     additionals: edns
       ? [{ type: "OPT", name: ".", udpPayloadSize: EDNS_UDP_SIZE } as dnsPacket.OptAnswer]

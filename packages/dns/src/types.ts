@@ -30,6 +30,11 @@ export interface DnsAnswer<T extends RRType = RRType> {
   answers: DnsRecord<T>[];
   /** Seconds this answer (positive or negative) may be reused: clamped, and the remaining time on a cache hit. */
   ttl: number;
+  /**
+   * The server set AD: it validated the answer with DNSSEC. Means something only from a validating
+   * resolver reached over a trusted path (DANE_VALIDATING_RESOLVERS); anyone else can set the bit.
+   */
+  authenticated: boolean;
 }
 
 /** Every one of these is temporary: the caller should try again later (the router defers). */

@@ -11,6 +11,8 @@ const trackCommand = async (...a: Parameters<typeof import("./track.ts").trackCo
   (await import("./track.ts")).trackCommand(...a);
 const userCommand = async (...a: Parameters<typeof import("./user.ts").userCommand>) =>
   (await import("./user.ts")).userCommand(...a);
+const tlsCommand = async (...a: Parameters<typeof import("./tls.ts").tlsCommand>) =>
+  (await import("./tls.ts")).tlsCommand(...a);
 const connect = async (...a: Parameters<typeof import("@nats-io/transport-node").connect>) =>
   (await import("@nats-io/transport-node")).connect(...a);
 
@@ -29,6 +31,8 @@ export const USAGE = `mailctl: operate a mailpipe installation
   mailctl track <queue id | <Message-ID> | address> [--since 24h] [--json] [--scan]
                                             the message's timeline across every service, with its trace id
                                             (--scan reads every event in the window: events from before the index)
+  mailctl tls <domain> [--json]             the MTA-STS policy delivery cached for the domain, and its
+                                            TLS results (sessions ok, failures by type) of the last 7 days
 
 Environment: DIRECTORY_FILE (/etc/mailpipe/directory.yaml), NATS_URL (nats://127.0.0.1:4222),
 REDIS_URL (redis://127.0.0.1:6379), TRACE_VIEW_URL (e.g. http://localhost:16686/trace/{traceId}).
@@ -91,6 +95,9 @@ export async function run(argv: string[], io: Io): Promise<number> {
         return 0;
       case "queue":
         await queueCommand(rest, flags, io);
+        return 0;
+      case "tls":
+        await tlsCommand(rest, flags, io);
         return 0;
       case "track": {
         if (!rest[0]) throw new UsageError("usage: mailctl track <queue id | <Message-ID> | address>");

@@ -159,6 +159,13 @@ describe("mailctl track", () => {
       attempt: 2,
       reply: { code: 250, enhanced: "2.0.0", text: "ok" },
       remoteMta: "mx1.remote.test [127.0.0.2]",
+      tls: {
+        policy: "verify",
+        source: "mta-sts",
+        version: "TLSv1.3",
+        cipher: "TLS_AES_256_GCM_SHA384",
+        verified: true,
+      },
     });
     bus.emit({
       type: "received",
@@ -186,6 +193,9 @@ describe("mailctl track", () => {
     expect(order.every((i) => i > 0)).toBe(true);
     expect([...order].sort((a, b) => a - b)).toEqual(order); // sorted by time, as emitted times say
     expect(text).toContain('"451 4.7.1 try later"  by mx1.remote.test [127.0.0.2]');
+    expect(text).toContain(
+      "by mx1.remote.test [127.0.0.2]  TLSv1.3 TLS_AES_256_GCM_SHA384 (verify, mta-sts, verified)",
+    );
     expect(text).toContain(`trace ${traceId}  http://jaeger:16686/trace/${traceId}`);
     expect(text).not.toContain(other);
 

@@ -185,6 +185,11 @@ function describe(e: MailEvent): string {
   if (e.attempt !== undefined && e.attempt > 1) parts.push(`attempt ${e.attempt}`);
   if (e.reply) parts.push(`"${e.reply.code} ${e.reply.enhanced} ${e.reply.text}"`);
   if (e.remoteMta) parts.push(`by ${e.remoteMta}`);
+  if (e.tls) {
+    const session = e.tls.version ? `${e.tls.version} ${e.tls.cipher ?? ""}`.trim() : "no TLS";
+    const policy = e.tls.source === "default" ? e.tls.policy : `${e.tls.policy}, ${e.tls.source}`;
+    parts.push(`${session} (${policy}${e.tls.verified ? ", verified" : ""})`);
+  }
   if (e.detail) parts.push(e.detail);
   return parts.join("  ");
 }

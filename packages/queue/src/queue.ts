@@ -690,7 +690,7 @@ export class MailQueue {
   #parseMessage(f: Record<string, string>): MessageRecord | null {
     if (!f.queueId) return null;
     const source = f.source;
-    if (source !== "mx" && source !== "msa" && source !== "dsn") {
+    if (source !== "mx" && source !== "msa" && source !== "dsn" && source !== "report") {
       throw new QueueDataError(`message ${f.queueId} has an unknown source ${source}`);
     }
     return {

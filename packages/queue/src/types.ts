@@ -42,7 +42,7 @@ export interface MessageInput {
   mailFrom: string;
   /** ISO time of acceptance */
   receivedAt: string;
-  source: "mx" | "msa" | "dsn";
+  source: "mx" | "msa" | "dsn" | "report";
   body: BodyRef;
   /** the spool message (envelope, and the body when attached) to delete when the message is final */
   spool?: SpoolLocation;

@@ -20,6 +20,8 @@ export interface DnsRecords {
   TXT?: (string | string[])[];
   CNAME?: string;
   PTR?: string[];
+  /** DANE records (RFC 6698), published at `_25._tcp.<mx host>`; `data` is the association data. */
+  TLSA?: { usage: number; selector: number; matchingType: number; data: Buffer }[];
   /** Default 60. */
   ttl?: number;
   /** Answer every question for this name with this error. */
@@ -48,6 +50,11 @@ export interface StartDnsServerOptions {
    * it every such name is NXDOMAIN.
    */
   forward?: DnsForwarding;
+  /**
+   * Answers (positive or negative) for names in these zones carry the AD bit when the query asks
+   * for it (AD or DO set, RFC 6840 5.7), as a DNSSEC-validating resolver does for signed zones.
+   */
+  secureZones?: string[];
 }
 
 export interface DnsServerHandle {
@@ -147,6 +154,15 @@ class Zone {
         out.push({ ...base, type: "TXT", data });
       }
     }
+    if (want("TLSA")) {
+      for (const t of r.TLSA ?? []) {
+        out.push({
+          ...base,
+          type: "TLSA",
+          data: { usage: t.usage, selector: t.selector, matchingType: t.matchingType, certificate: t.data },
+        });
+      }
+    }
     if (want("PTR")) for (const ptr of r.PTR ?? []) out.push({ ...base, type: "PTR", data: normalize(ptr) });
     if (want("CNAME") && r.CNAME) out.push({ ...base, type: "CNAME", data: normalize(r.CNAME) });
     return out;
@@ -169,6 +185,7 @@ async function respond(
   transport: "udp" | "tcp",
   log: (q: DnsQuery) => void,
   forwarder?: Forwarder,
+  secureZones: string[] = [],
 ): Promise<Buffer | undefined> {
   let query: dnsPacket.DecodedPacket;
   try {
@@ -179,10 +196,17 @@ async function respond(
   if (query.type !== "query") return undefined;
   const opt = query.additionals?.find((rr): rr is dnsPacket.OptAnswer => rr.type === "OPT");
   const question = query.questions?.[0];
+  const wantsAd =
+    ((query.flags ?? 0) & dnsPacket.AUTHENTIC_DATA) !== 0 || (opt?.flags ?? 0) & dnsPacket.DNSSEC_OK;
+  const secure = !!question && !!wantsAd && secureZones.some((z) => inZone(normalize(question.name), z));
   const reply = (rcode: number, answers: dnsPacket.Answer[] = []): dnsPacket.Packet => ({
     type: "response",
     id: query.id,
-    flags: dnsPacket.AUTHORITATIVE_ANSWER | ((query.flags ?? 0) & dnsPacket.RECURSION_DESIRED) | rcode,
+    flags:
+      dnsPacket.AUTHORITATIVE_ANSWER |
+      ((query.flags ?? 0) & dnsPacket.RECURSION_DESIRED) |
+      (secure ? dnsPacket.AUTHENTIC_DATA : 0) |
+      rcode,
     questions: query.questions ?? [],
     answers,
     additionals: opt ? [{ type: "OPT", name: ".", udpPayloadSize: OUR_UDP_SIZE } as dnsPacket.OptAnswer] : [],
@@ -252,6 +276,7 @@ export async function startDnsServer(options: StartDnsServerOptions = {}): Promi
   for (const [name, records] of Object.entries(options.records ?? {})) zone.set(name, records);
   const queries: DnsQuery[] = [];
   const log = (q: DnsQuery) => queries.push(q);
+  const secureZones = (options.secureZones ?? []).map(normalize);
   const forwarder: Forwarder | undefined = options.forward && {
     upstreams: options.forward.servers.map(parseUpstream),
     localZones: (options.forward.localZones ?? []).map(normalize),
@@ -262,7 +287,7 @@ export async function startDnsServer(options: StartDnsServerOptions = {}): Promi
   const makeUdp = () => {
     const udp = dgram.createSocket(net.isIPv6(host) ? "udp6" : "udp4");
     udp.on("message", (message, remote) => {
-      void respond(zone, message, "udp", log, forwarder).then((answer) => {
+      void respond(zone, message, "udp", log, forwarder, secureZones).then((answer) => {
         if (answer) udp.send(answer, remote.port, remote.address);
       });
     });
@@ -282,7 +307,7 @@ export async function startDnsServer(options: StartDnsServerOptions = {}): Promi
           if (pending.length < 2 + length) break;
           const message = pending.subarray(2, 2 + length);
           pending = pending.subarray(2 + length);
-          void respond(zone, message, "tcp", log, forwarder).then((answer) => {
+          void respond(zone, message, "tcp", log, forwarder, secureZones).then((answer) => {
             if (!answer || socket.destroyed) return;
             const prefix = Buffer.alloc(2);
             prefix.writeUInt16BE(answer.length);

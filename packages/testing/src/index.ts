@@ -56,4 +56,10 @@ export {
   sequence,
   startSmtpPeer,
 } from "./smtp-peer.ts";
-export { type CertPair, createSelfSignedCert, type SelfSignedCertOptions } from "./tls.ts";
+export {
+  type CertPair,
+  createSelfSignedCert,
+  createTestCa,
+  type SelfSignedCertOptions,
+  type TestCa,
+} from "./tls.ts";

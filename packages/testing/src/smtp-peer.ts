@@ -1,7 +1,7 @@
 // A scriptable SMTP server standing in for a remote MX: accepts, defers, rejects or hangs per stage.
 import type net from "node:net";
 import { SMTPServer, type SMTPServerOptions, type SMTPServerSession } from "smtp-server";
-import { createSelfSignedCert } from "./tls.ts";
+import { type CertPair, createSelfSignedCert } from "./tls.ts";
 
 export type PeerStage = "connect" | "ehlo" | "mail" | "rcpt" | "data";
 
@@ -51,6 +51,9 @@ export interface PeerMessage {
   /** The exact bytes after dot-unstuffing. */
   raw: Buffer;
   tls: boolean;
+  /** The TLS session the message came over, as the server saw it (what a Received header records). */
+  tlsVersion?: string;
+  tlsCipher?: string;
   helo: string | undefined;
   at: Date;
   remoteAddress: string;
@@ -67,6 +70,8 @@ export interface StartSmtpPeerOptions {
   name?: string;
   /** Offer STARTTLS with a self-signed certificate for `name` and `host`. */
   starttls?: boolean;
+  /** The certificate (and key) STARTTLS offers instead of the self-signed one; implies `starttls`. */
+  certificate?: CertPair;
   /** Advertised SIZE; larger messages get 552. */
   size?: number;
   script?: PeerScript;
@@ -131,6 +136,12 @@ interface SessionState {
   active?: boolean;
 }
 
+function tlsSessionOf(session: SMTPServerSession): { tlsVersion?: string; tlsCipher?: string } {
+  const t = (session as { tlsOptions?: { name?: string; version?: string } | false }).tlsOptions;
+  if (!session.secure || !t) return {};
+  return { ...(t.version ? { tlsVersion: t.version } : {}), ...(t.name ? { tlsCipher: t.name } : {}) };
+}
+
 export async function startSmtpPeer(options: StartSmtpPeerOptions = {}): Promise<SmtpPeer> {
   const host = options.host ?? "127.0.0.1";
   const name = options.name ?? "peer.test";
@@ -149,7 +160,9 @@ export async function startSmtpPeer(options: StartSmtpPeerOptions = {}): Promise
   let transactions = 0;
   let stopping = false;
 
-  const tls = options.starttls ? await createSelfSignedCert({ hostnames: [name, host] }) : undefined;
+  const tls =
+    options.certificate ??
+    (options.starttls ? await createSelfSignedCert({ hostnames: [name, host] }) : undefined);
 
   const state = (session: SMTPServerSession): SessionState => {
     let s = sessions.get(session.id);
@@ -235,7 +248,7 @@ export async function startSmtpPeer(options: StartSmtpPeerOptions = {}): Promise
     disableReverseLookup: true,
     authOptional: true,
     // A remote MX offers no AUTH; STARTTLS only when asked for.
-    disabledCommands: options.starttls ? ["AUTH"] : ["AUTH", "STARTTLS"],
+    disabledCommands: tls ? ["AUTH"] : ["AUTH", "STARTTLS"],
     // RFC 5321 4.5.3.2.7: a server waits 5 minutes, long enough to count as "never" in tests.
     socketTimeout: 5 * 60_000,
     closeTimeout: 1_000,
@@ -285,6 +298,7 @@ export async function startSmtpPeer(options: StartSmtpPeerOptions = {}): Promise
             rcptTo: ctx.envelope.rcptTo,
             raw,
             tls: ctx.tls,
+            ...tlsSessionOf(session),
             helo: ctx.helo,
             at: new Date(),
             remoteAddress: ctx.remoteAddress,

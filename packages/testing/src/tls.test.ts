@@ -1,7 +1,7 @@
 import { createPrivateKey, X509Certificate } from "node:crypto";
 import tls from "node:tls";
 import { describe, expect, it } from "vitest";
-import { type CertPair, createSelfSignedCert, createSelfSignedCertWithOpenssl } from "./tls.ts";
+import { type CertPair, createSelfSignedCert, createSelfSignedCertWithOpenssl, createTestCa } from "./tls.ts";
 
 const DAY = 86_400_000;
 
@@ -66,5 +66,28 @@ describe("createSelfSignedCert", () => {
     });
     checkPair(pair, 7);
     expect(await handshake(pair, "localhost")).toBe(true);
+  });
+});
+
+describe("createTestCa", () => {
+  it("issues certificates that verify against the CA for their names only, with the chain on request", async () => {
+    const ca = await createTestCa();
+    try {
+      const root = new X509Certificate(ca.cert);
+      expect(root.ca).toBe(true);
+      const pair = await ca.issue(["mx.ca.test", "127.0.0.9"], { chain: true });
+      const leaf = new X509Certificate(pair.cert);
+      expect(leaf.verify(root.publicKey)).toBe(true);
+      expect(leaf.checkHost("mx.ca.test")).toBe("mx.ca.test");
+      expect(leaf.checkIP("127.0.0.9")).toBe("127.0.0.9");
+      expect(leaf.checkHost("other.ca.test")).toBeUndefined();
+      expect(leaf.checkPrivateKey(createPrivateKey(pair.key))).toBe(true);
+      expect(pair.cert.match(/BEGIN CERTIFICATE/g)).toHaveLength(2);
+      const other = await createTestCa("Other CA");
+      expect(leaf.verify(new X509Certificate(other.cert).publicKey)).toBe(false);
+      await other.remove();
+    } finally {
+      await ca.remove();
+    }
   });
 });

@@ -1,5 +1,5 @@
 import { execFile } from "node:child_process";
-import { readFile } from "node:fs/promises";
+import { readFile, writeFile } from "node:fs/promises";
 import net from "node:net";
 import path from "node:path";
 import { promisify } from "node:util";
@@ -98,4 +98,81 @@ export async function createSelfSignedCertWithOpenssl(options: SelfSignedCertOpt
   } finally {
     await dir.remove();
   }
+}
+
+/** A certificate authority for tests: trust `cert` (PEM) on the client side, `issue()` server certificates. */
+export interface TestCa {
+  /** PEM certificate of the CA */
+  cert: string;
+  /** A certificate for `hostnames` (DNS names or IP literals) signed by this CA; `chain` adds the CA to `cert`. */
+  issue(hostnames: string[], options?: { chain?: boolean; days?: number }): Promise<CertPair>;
+  remove(): Promise<void>;
+}
+
+/** A throwaway CA (EC P-256, openssl CLI), so tests can check certificate verification for real. */
+export async function createTestCa(name = "Mailpipe Test CA"): Promise<TestCa> {
+  const dir = await tempDir("mailpipe-ca");
+  const run = (args: string[]) => promisify(execFile)("openssl", args, { timeout: 30_000 });
+  const caKey = path.join(dir.path, "ca.key");
+  const caCert = path.join(dir.path, "ca.pem");
+  const ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+  await run([
+    "req",
+    "-x509",
+    ...ec,
+    "-sha256",
+    "-days",
+    "30",
+    "-subj",
+    `/CN=${name}`,
+    "-addext",
+    "basicConstraints=critical,CA:TRUE",
+    "-addext",
+    "keyUsage=critical,keyCertSign,cRLSign",
+    "-keyout",
+    caKey,
+    "-out",
+    caCert,
+  ]);
+  const cert = await readFile(caCert, "utf8");
+  let serial = 0;
+  return {
+    cert,
+    async issue(hostnames, options = {}) {
+      const { names, days } = checked({ hostnames, days: options.days ?? 30 });
+      const n = ++serial;
+      const key = path.join(dir.path, `${n}.key`);
+      const csr = path.join(dir.path, `${n}.csr`);
+      const ext = path.join(dir.path, `${n}.ext`);
+      const out = path.join(dir.path, `${n}.pem`);
+      const san = names.map((h) => (net.isIP(h) ? `IP:${h}` : `DNS:${h}`)).join(",");
+      await writeFile(
+        ext,
+        `subjectAltName=${san}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n`,
+      );
+      await run(["req", ...ec, "-subj", `/CN=${names[0]}`, "-keyout", key, "-out", csr]);
+      await run([
+        "x509",
+        "-req",
+        "-in",
+        csr,
+        "-CA",
+        caCert,
+        "-CAkey",
+        caKey,
+        "-set_serial",
+        String(1000 + n),
+        "-days",
+        String(days),
+        "-sha256",
+        "-extfile",
+        ext,
+        "-out",
+        out,
+      ]);
+      const leaf = await readFile(out, "utf8");
+      return { key: await readFile(key, "utf8"), cert: options.chain ? `${leaf.trimEnd()}\n${cert}` : leaf };
+    },
+    remove: () => dir.remove(),
+  };
 }

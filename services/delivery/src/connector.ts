@@ -3,6 +3,7 @@ import { replies } from "@mailpipe/contracts";
 import mxConnect, { type MxConnectError } from "mx-connect";
 import { ConnectionPool, type PoolOptions } from "./connection-pool.ts";
 import { type SessionTimeouts, SmtpFailure, SmtpSession, type TlsMode } from "./smtp-session.ts";
+import { checkTls, OPPORTUNISTIC, type TlsDecision, type TlsResult } from "./tls-check.ts";
 
 export interface ConnectorOptions {
   /** SMTP_REMOTE_PORT */
@@ -11,8 +12,10 @@ export interface ConnectorOptions {
   heloName: string;
   connectTimeoutMs: number;
   blockLocalAddresses: boolean;
-  tlsVerify: boolean;
+  /** retry in plaintext when the handshake fails, under an opportunistic policy only */
   tlsFallbackPlain: boolean;
+  /** the CAs a certificate may chain to: Node's roots plus OUTBOUND_TLS_CA_FILE's; default Node's */
+  ca?: string[] | undefined;
   timeouts: SessionTimeouts;
   pool: PoolOptions;
 }
@@ -36,6 +39,8 @@ export interface Acquired {
   unchecked?: boolean;
   /** set when STARTTLS failed and the session is the plaintext retry */
   tlsFailure?: SmtpFailure;
+  /** the session's TLS under the policy it was acquired for */
+  tls: TlsResult;
 }
 
 const NO_DNS = () => {
@@ -73,52 +78,76 @@ export const FRESH_SESSION_MS = 1000;
 
 /**
  * Sessions to remote addresses: a pooled one when there is one (checked with RSET unless it was
- * used within FRESH_SESSION_MS), else a new
- * TCP connection through mx-connect (address policy, connect timeout, and later MTA-STS/DANE)
- * and an SMTP session over it, retried in plaintext when STARTTLS fails and that is allowed.
+ * used within FRESH_SESSION_MS), else a new TCP connection through mx-connect (address policy,
+ * connect timeout) and an SMTP session over it, whose TLS is then checked against the host's
+ * policy (tls-check.ts); retried in plaintext when STARTTLS fails and the policy is opportunistic.
  */
 export class Connector {
   readonly pool: ConnectionPool;
   readonly #o: ConnectorOptions;
-  readonly #tls: TlsMode;
 
   constructor(o: ConnectorOptions) {
     this.#o = o;
-    this.#tls = o.tlsVerify ? "verify" : "opportunistic";
     this.pool = new ConnectionPool(o.pool);
   }
 
   /**
    * Pool key: the address and port, the name the certificate is checked against, and the TLS
    * policy the session was made under (a plaintext fallback session stays under the policy that
-   * produced it, so the failed handshake is not repeated for every message).
+   * produced it, so the failed handshake is not repeated for every message; a session checked
+   * under one policy is never taken for a stricter one).
    */
-  keyOf(target: Target): string {
-    return `${target.address}|${this.#o.port}|${target.exchange.toLowerCase()}|${this.#tls}`;
+  keyOf(target: Target, tls: TlsDecision = OPPORTUNISTIC): string {
+    const tlsa = tls.tlsa?.map((r) => `${r.usage}${r.selector}${r.matchingType}${r.data.toString("hex")}`);
+    const policy = `${tls.level}${tls.reportOnly ? "+report" : ""}${tlsa ? `:${tlsa.join(",")}` : ""}`;
+    return `${target.address}|${this.#o.port}|${target.exchange.toLowerCase()}|${policy}`;
   }
 
   /** Rejects with SmtpFailure. `fresh`: a new connection, not a pooled one. */
-  async acquire(target: Target, opts: { fresh?: boolean } = {}): Promise<Acquired> {
-    const key = this.keyOf(target);
+  async acquire(target: Target, opts: { fresh?: boolean; tls?: TlsDecision } = {}): Promise<Acquired> {
+    const decision = opts.tls ?? OPPORTUNISTIC;
+    const key = this.keyOf(target, decision);
     for (let s = opts.fresh ? undefined : this.pool.take(key); s; s = this.pool.take(key)) {
+      // a pooled session passed this policy's check when it was opened
+      const tls = checkTls(s, decision).result;
       if (performance.now() - s.lastUsedAt < FRESH_SESSION_MS) {
-        return { session: s, key, reused: true, unchecked: true };
+        return { session: s, key, reused: true, unchecked: true, tls };
       }
       try {
         await s.reset();
-        return { session: s, key, reused: true };
+        return { session: s, key, reused: true, tls };
       } catch {
         s.destroy(); // closed by the server while idle: open a fresh one
       }
     }
+    let session: SmtpSession;
+    let tlsFailure: SmtpFailure | undefined;
     try {
-      return { session: await this.#open(target, this.#tls), key, reused: false };
+      session = await this.#open(target, "starttls");
     } catch (err) {
       const failure = err as SmtpFailure;
-      // with SMTP_TLS_VERIFY a plaintext retry would be weaker than the unverified TLS it refuses
-      if (failure.kind !== "tls" || this.#tls !== "opportunistic" || !this.#o.tlsFallbackPlain) throw err;
-      return { session: await this.#open(target, "none"), key, reused: false, tlsFailure: failure };
+      // under any stricter policy a plaintext retry would be weaker than what the policy refuses
+      if (failure.kind !== "tls" || decision.level !== "opportunistic" || !this.#o.tlsFallbackPlain) {
+        if (failure.kind === "tls") {
+          failure.tls = { policy: decision.level, source: decision.source, failure: "validation-failure" };
+          failure.tls.detail = failure.reply.text;
+        }
+        throw err;
+      }
+      session = await this.#open(target, "none");
+      tlsFailure = failure;
     }
+    const checked = checkTls(session, decision);
+    if (checked.failure) {
+      void session.quit();
+      checked.failure.tls = checked.result;
+      throw checked.failure;
+    }
+    const tls =
+      tlsFailure && decision.reportOnly
+        ? { ...checked.result, failure: "validation-failure" as const, detail: tlsFailure.message }
+        : checked.result;
+    return { session, key, reused: false, tls, ...(tlsFailure ? { tlsFailure } : {}) };
   }
 
   /** After a successful transaction: back to the pool (or closed, if it should not be kept). */
@@ -164,6 +193,7 @@ export class Connector {
       exchange: target.exchange,
       heloName: o.heloName,
       tls,
+      ca: o.ca,
       timeouts: o.timeouts,
     });
   }

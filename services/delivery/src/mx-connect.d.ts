@@ -65,6 +65,31 @@ declare module "mx-connect" {
     response?: string;
   }
 
+  export interface DaneTlsaRecord {
+    usage: number;
+    selector: number;
+    mtype: number;
+    cert: Buffer;
+  }
+
+  export interface DaneCheck {
+    valid: boolean;
+    matchedRecord: DaneTlsaRecord | null;
+    error: string | null;
+  }
+
+  /** the module's DANE helpers (lib/dane.js), exported as mxConnect.dane */
+  export interface DaneModule {
+    verifyCertAgainstTlsa(
+      cert: import("node:crypto").X509Certificate | undefined,
+      records: DaneTlsaRecord[],
+      chain?: import("node:crypto").X509Certificate[],
+    ): DaneCheck;
+  }
+
   function mxConnect(options: MxConnectOptions): Promise<MxConnection>;
+  namespace mxConnect {
+    const dane: DaneModule;
+  }
   export default mxConnect;
 }

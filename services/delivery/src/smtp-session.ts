@@ -1,11 +1,14 @@
 // One SMTP client session to one remote address, on nodemailer's SMTPConnection. Every use of
 // nodemailer internals (the names starting with `_`) is in this file, so a nodemailer upgrade that
 // moves them breaks here and in smtp-session.test.ts, nowhere else.
+
+import type { X509Certificate } from "node:crypto";
 import type net from "node:net";
 import type { Readable } from "node:stream";
 import type { TLSSocket } from "node:tls";
 import { parseRemoteReply, type Reply, replies } from "@mailpipe/contracts";
 import SMTPConnection from "nodemailer/lib/smtp-connection";
+import type { TlsResult } from "./tls-check.ts";
 
 /** RFC 5321 4.5.3.2 timers, in ms. */
 export interface SessionTimeouts {
@@ -16,8 +19,26 @@ export interface SessionTimeouts {
   dataDoneMs: number;
 }
 
-/** opportunistic: any certificate; verify: the certificate must match the MX name; none: no STARTTLS. */
-export type TlsMode = "opportunistic" | "verify" | "none";
+/**
+ * starttls: STARTTLS when offered, with any certificate (whether it verified is read afterwards,
+ * `tls`, and the connector's policy decides); none: no STARTTLS.
+ */
+export type TlsMode = "starttls" | "none";
+
+/** What the TLS handshake came to, as a policy check and the delivery event need it. */
+export interface TlsInfo {
+  /** e.g. "TLSv1.3" */
+  version: string | undefined;
+  /** OpenSSL's name, e.g. "TLS_AES_256_GCM_SHA384" */
+  cipher: string | undefined;
+  /** the certificate chains to a trusted CA and is valid for the MX name */
+  authorized: boolean;
+  /** why not, as Node's TLS layer says it (e.g. "CERT_HAS_EXPIRED", "ERR_TLS_CERT_ALTNAME_INVALID") */
+  authorizationError: string | undefined;
+  /** the server's certificate, and the issuers it sent or that were found (for DANE) */
+  certificate: X509Certificate | undefined;
+  chain: X509Certificate[];
+}
 
 /** The step of the dialogue a session is at; a failure or a timeout is reported against it. */
 export type Stage =
@@ -35,6 +56,8 @@ export type Stage =
   | "QUIT";
 
 export type FailureKind =
+  /** a TLS policy refused the MX host before connecting (MTA-STS mx mismatch, DANE lookup failure) */
+  | "policy"
   /** TCP connect failed (refused, unreachable, timed out) */
   | "connect"
   /** the address is loopback/private and SMTP_BLOCK_LOCAL_ADDRESSES is on */
@@ -68,6 +91,8 @@ export class SmtpFailure extends Error {
   accepted: string[] = [];
   /** recipients the server had refused at RCPT */
   rejected: RecipientReply[] = [];
+  /** a TLS policy refused the session (or its handshake failed under one): what it came to */
+  tls?: TlsResult;
 
   constructor(kind: FailureKind, stage: Stage, reply: Reply, options?: { cause?: unknown }) {
     super(`${kind} at ${stage}: ${reply.code} ${reply.enhanced} ${reply.text}`, options);
@@ -87,6 +112,8 @@ export interface OpenOptions {
   /** EHLO name (MAIL_HOSTNAME) */
   heloName: string;
   tls: TlsMode;
+  /** CAs a certificate may chain to (the system's and any extra ones); default Node's bundled roots */
+  ca?: string[] | undefined;
   timeouts: SessionTimeouts;
 }
 
@@ -229,7 +256,9 @@ export class SmtpSession {
       ignoreTLS: o.tls === "none",
       // a 4xx/5xx reply to STARTTLS continues in plaintext, as if STARTTLS had not been offered
       opportunisticTLS: true,
-      tls: { rejectUnauthorized: o.tls === "verify", servername },
+      // the handshake takes any certificate: the policy reads `tls` afterwards and refuses a
+      // session it does not accept before MAIL, so no policy needs a second handshake
+      tls: { rejectUnauthorized: false, servername, ...(o.ca ? { ca: o.ca } : {}) },
       greetingTimeout: t.greetingMs,
       // nodemailer bounds greeting + EHLO + TLS handshake by this; each step also has its own timer
       connectionTimeout: t.greetingMs + 2 * t.commandMs,
@@ -259,6 +288,28 @@ export class SmtpSession {
     const socket = this.#internals._socket;
     if (!this.#conn.secure || !socket || !("getProtocol" in socket)) return undefined;
     return socket.getProtocol() ?? undefined;
+  }
+
+  /** The TLS session, when the connection runs over TLS. */
+  get tls(): TlsInfo | undefined {
+    const socket = this.#internals._socket;
+    if (!this.#conn.secure || !socket || !("getPeerX509Certificate" in socket)) return undefined;
+    const certificate = socket.getPeerX509Certificate();
+    const chain: X509Certificate[] = [];
+    for (let c = certificate?.issuerCertificate; c && chain.length < 10; c = c.issuerCertificate) {
+      // a self-signed root is its own issuer: stop there
+      if (chain.some((x) => x.fingerprint256 === c!.fingerprint256)) break;
+      chain.push(c);
+    }
+    const error = socket.authorizationError as unknown;
+    return {
+      version: socket.getProtocol() ?? undefined,
+      cipher: socket.getCipher()?.name,
+      authorized: socket.authorized,
+      authorizationError: error instanceof Error ? error.message : error ? String(error) : undefined,
+      certificate,
+      chain,
+    };
   }
 
   /** connected and between transactions: can take a RSET and another message */

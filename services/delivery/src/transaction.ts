@@ -13,7 +13,9 @@ import {
 } from "@mailpipe/telemetry";
 import { lazyBody } from "./body-stream.ts";
 import type { Acquired, Connector, Target } from "./connector.ts";
+import { type DestinationTls, OPPORTUNISTIC_ONLY, type OutboundTls } from "./outbound-tls.ts";
 import { SmtpFailure } from "./smtp-session.ts";
+import type { TlsResult } from "./tls-check.ts";
 
 export interface RecipientResult {
   address: string;
@@ -21,6 +23,8 @@ export interface RecipientResult {
   reply: Reply;
   /** `exchange [address]` of the host the reply came from */
   remoteMta: string | undefined;
+  /** the TLS policy and session of the host that gave the reply */
+  tls?: TlsResult;
 }
 
 export interface TransactionDeps {
@@ -29,6 +33,8 @@ export interface TransactionDeps {
   tracer: Tracer;
   log: Logger;
   connections: Counter<"reused">;
+  /** TLS policy per destination and MX host (TLS_POLICY, MTA-STS, DANE); default opportunistic */
+  tls?: OutboundTls;
 }
 
 /** What one address attempt came to: final results, or a failure that sends us to the next address. */
@@ -58,11 +64,28 @@ export async function runTransaction(
   const addresses = request.recipients.map((r) => r.address);
   const needsSmtpUtf8 =
     request.smtputf8 || !ASCII.test(request.mailFrom) || addresses.some((a) => !ASCII.test(a));
-  let last: { reply: Reply; remoteMta: string } | undefined;
+  let last: { reply: Reply; remoteMta: string; tls?: TlsResult } | undefined;
   let allPermanent = true;
   const tried = new Set<string>();
+  const policy = deps.tls ? await deps.tls.forDestination(request.destination.domain) : OPPORTUNISTIC_ONLY;
 
   for (const host of request.destination.hosts) {
+    const chosen = await policy.forHost(host.exchange);
+    if ("failure" in chosen) {
+      // the policy refuses this host before any connection (MTA-STS mx mismatch, DANE lookup)
+      const remoteMta = `${host.exchange} [${host.addresses[0] ?? ""}]`;
+      last = {
+        reply: chosen.failure.reply,
+        remoteMta,
+        ...(chosen.failure.tls ? { tls: chosen.failure.tls } : {}),
+      };
+      allPermanent = false;
+      deps.log.info(
+        { relay: host.exchange, policy: "refused", reply: formatFailure(chosen.failure) },
+        "TLS policy refuses this MX host",
+      );
+      continue;
+    }
     for (const address of host.addresses) {
       if (tried.has(address)) continue; // one address under two MX names
       tried.add(address);
@@ -85,17 +108,21 @@ export async function runTransaction(
             "mail.mx.priority": host.priority,
           },
         },
-        (span) => attempt(request, host, target, remoteMta, needsSmtpUtf8, deps, span),
+        (span) => attempt(request, host, target, remoteMta, needsSmtpUtf8, { ...deps, policy, chosen }, span),
       );
       if (result.kind === "done") return result.results;
-      last = { reply: result.failure.reply, remoteMta };
+      last = {
+        reply: result.failure.reply,
+        remoteMta,
+        ...(result.failure.tls ? { tls: result.failure.tls } : {}),
+      };
       if (!result.permanent) allPermanent = false;
       deps.log.info(
         {
           relay: remoteMta,
           failure: result.failure.kind,
           stage: result.failure.stage,
-          reply: `${result.failure.reply.code} ${result.failure.reply.enhanced} ${result.failure.reply.text}`,
+          reply: formatFailure(result.failure),
         },
         "attempt on this address failed",
       );
@@ -109,8 +136,16 @@ export async function runTransaction(
     outcome,
     reply: final.reply,
     remoteMta: final.remoteMta || undefined,
+    ...("tls" in final && final.tls ? { tls: final.tls } : {}),
   }));
 }
+
+const formatFailure = (f: SmtpFailure) => `${f.reply.code} ${f.reply.enhanced} ${f.reply.text}`;
+
+type AttemptDeps = TransactionDeps & {
+  policy: DestinationTls;
+  chosen: { decision: import("./tls-check.ts").TlsDecision };
+};
 
 async function attempt(
   request: RemoteDeliveryRequest,
@@ -118,7 +153,7 @@ async function attempt(
   target: Target,
   remoteMta: string,
   needsSmtpUtf8: boolean,
-  deps: TransactionDeps,
+  deps: AttemptDeps,
   span: Span,
 ): Promise<AttemptResult> {
   const first = await attemptOnce(request, host, target, remoteMta, needsSmtpUtf8, deps, span, false);
@@ -136,17 +171,26 @@ async function attemptOnce(
   target: Target,
   remoteMta: string,
   needsSmtpUtf8: boolean,
-  deps: TransactionDeps,
+  deps: AttemptDeps,
   span: Span,
   fresh: boolean,
 ): Promise<AttemptResult & { uncheckedSessionGone?: boolean }> {
   let acquired: Acquired;
+  const decision = deps.chosen.decision;
+  span.setAttribute("smtp.tls.policy", decision.level);
+  span.setAttribute("smtp.tls.policy_source", decision.source);
   try {
-    acquired = await deps.connector.acquire(target, { fresh });
+    acquired = await deps.connector.acquire(target, { fresh, tls: decision });
   } catch (err) {
     const failure = asFailure(err);
+    if (failure.tls) deps.policy.report(host.exchange, target.address, failure.tls);
     markFailed(span, failure);
     return { kind: "failed", failure, permanent: failure.kind === "blocked" };
+  }
+  if (!acquired.reused) deps.policy.report(host.exchange, target.address, acquired.tls);
+  if (acquired.tls.failure) {
+    // MTA-STS testing: delivered anyway, the failure goes to the TLS report
+    span.addEvent("tls.policy.failed", { "smtp.tls.failure": acquired.tls.failure });
   }
   const { session } = acquired;
   deps.connections.inc({ reused: String(acquired.reused) });
@@ -189,14 +233,14 @@ async function attemptOnce(
       kind: "done",
       results: addresses.map((address) => {
         const r = refused.get(address) ?? sent.reply;
-        return { address, outcome: outcomeOf(r), reply: r, remoteMta };
+        return { address, outcome: outcomeOf(r), reply: r, remoteMta, tls: acquired.tls };
       }),
     };
   } catch (err) {
     deps.connector.discard(acquired);
     body.destroy();
     const failure = asFailure(err);
-    const results = finalResults(failure, addresses, remoteMta);
+    const results = finalResults(failure, addresses, remoteMta)?.map((r) => ({ ...r, tls: acquired.tls }));
     if (results) {
       setReply(span, failure.reply);
       return { kind: "done", results };

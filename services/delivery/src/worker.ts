@@ -1,3 +1,5 @@
+import { readFileSync } from "node:fs";
+import tls from "node:tls";
 import type { BodyStore, Bus, HandlerContext, Outcome } from "@mailpipe/bus";
 import { outcome } from "@mailpipe/bus";
 import {
@@ -13,7 +15,37 @@ import { attr, boundedLabel, inSpan, OTHER_LABEL, SpanKind, type Telemetry } fro
 import type { Config } from "./config.ts";
 import { Connector } from "./connector.ts";
 import { jitter, slotKeeper } from "./destination-slot.ts";
+import { type OutboundTls, staticOutboundTls } from "./outbound-tls.ts";
+import type { TlsResult } from "./tls-check.ts";
 import { type RecipientResult, runTransaction } from "./transaction.ts";
+
+/** Node's root CAs plus the operator's (OUTBOUND_TLS_CA_FILE); undefined: Node's alone. */
+export function trustedCas(file: string): string[] | undefined {
+  if (!file) return undefined;
+  let pem: string;
+  try {
+    pem = readFileSync(file, "utf8");
+  } catch (err) {
+    throw new Error(
+      `OUTBOUND_TLS_CA_FILE: cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}): point it at a PEM file of CA certificates, or leave it empty`,
+    );
+  }
+  if (!pem.includes("-----BEGIN CERTIFICATE-----")) {
+    throw new Error(`OUTBOUND_TLS_CA_FILE: ${file} holds no PEM certificate`);
+  }
+  return [...tls.rootCertificates, pem];
+}
+
+/** The delivery event's `tls`: the policy and what the session negotiated. */
+function tlsEvent(t: TlsResult) {
+  return {
+    policy: t.policy,
+    source: t.source,
+    ...(t.version ? { version: t.version } : {}),
+    ...(t.cipher ? { cipher: t.cipher } : {}),
+    ...(t.verified !== undefined ? { verified: t.verified } : {}),
+  };
+}
 
 /** Header on every status this service publishes: which worker (MAIL_HOSTNAME/pid) made it. */
 export const WORKER_HEADER = "Mailpipe-Worker";
@@ -38,6 +70,8 @@ export interface WorkerDeps {
     | "SMTP_DATA_DONE_TIMEOUT"
     | "SMTP_TLS_VERIFY"
     | "SMTP_TLS_FALLBACK_PLAIN"
+    | "TLS_POLICY"
+    | "OUTBOUND_TLS_CA_FILE"
     | "SMTP_REUSE_CONNECTIONS"
     | "SMTP_MAX_MESSAGES_PER_CONNECTION"
     | "SMTP_IDLE_CONNECTION_TIMEOUT"
@@ -51,6 +85,8 @@ export interface WorkerDeps {
   telemetry: Telemetry;
   /** this worker in logs and statuses; default `MAIL_HOSTNAME/pid` */
   workerId?: string;
+  /** the TLS policy per destination; default TLS_POLICY and SMTP_TLS_VERIFY only */
+  tls?: OutboundTls;
 }
 
 export interface DeliveryWorker {
@@ -96,8 +132,8 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
     heloName: config.MAIL_HOSTNAME,
     connectTimeoutMs: config.SMTP_CONNECT_TIMEOUT,
     blockLocalAddresses: config.SMTP_BLOCK_LOCAL_ADDRESSES,
-    tlsVerify: config.SMTP_TLS_VERIFY,
     tlsFallbackPlain: config.SMTP_TLS_FALLBACK_PLAIN,
+    ca: trustedCas(config.OUTBOUND_TLS_CA_FILE),
     timeouts: {
       greetingMs: config.SMTP_GREETING_TIMEOUT,
       commandMs: config.SMTP_COMMAND_TIMEOUT,
@@ -125,6 +161,7 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
     tracer,
     log,
     connections,
+    tls: deps.tls ?? staticOutboundTls({ rules: config.TLS_POLICY, verifyByDefault: config.SMTP_TLS_VERIFY }),
   };
 
   async function publishStatus(request: RemoteDeliveryRequest, r: RecipientResult, at: string) {
@@ -183,6 +220,7 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
         reply: r.reply,
         ...(attempt ? { attempt } : {}),
         ...(r.remoteMta ? { remoteMta: r.remoteMta } : {}),
+        ...(r.tls ? { tls: tlsEvent(r.tls) } : {}),
       });
       log.info(
         {
@@ -190,6 +228,7 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
           relay: r.remoteMta,
           outcome: r.outcome,
           reply: formatReply(r.reply),
+          ...(r.tls ? { tls: tlsEvent(r.tls) } : {}),
           attempt,
           delayMs: Date.now() - Date.parse(request.receivedAt),
         },

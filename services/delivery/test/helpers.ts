@@ -4,6 +4,7 @@ import net from "node:net";
 import { Writable } from "node:stream";
 import { Bus } from "@mailpipe/bus";
 import {
+  type MailEvent,
   type MxHost,
   newQueueId,
   RecipientStatus,
@@ -42,6 +43,7 @@ export function testConfig(natsUrl: string, port: number, env: Record<string, st
     SMTP_DATA_BLOCK_TIMEOUT: "10s",
     SMTP_DATA_DONE_TIMEOUT: "10s",
     LOG_LEVEL: "silent",
+    MTA_STS: "off",
     ...env,
   });
 }
@@ -274,5 +276,29 @@ export async function rawSmtpServer(host: string, options: RawServerOptions = {}
         for (const s of sockets) s.destroy();
         server.close(() => resolve());
       }),
+  };
+}
+
+/** Every event published from now on (core NATS, as tracking reads them), parsed. */
+export function collectEvents(bus: Bus) {
+  const seen: MailEvent[] = [];
+  const sub = bus.nc.subscribe(subjects.eventsAll(), {
+    callback: (err, msg) => {
+      if (!err) seen.push(JSON.parse(msg.string()) as MailEvent);
+    },
+  });
+  return {
+    seen,
+    stop: async () => sub.unsubscribe(),
+    /** waits until an event of `type` for `recipient` arrived (bounded) */
+    async waitFor(type: MailEvent["type"], recipient: string, timeoutMs = 20_000): Promise<MailEvent> {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const e = seen.find((x) => x.type === type && x.recipient === recipient);
+        if (e) return e;
+        if (Date.now() > deadline) throw new Error(`no ${type} event for ${recipient} in ${timeoutMs} ms`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    },
   };
 }

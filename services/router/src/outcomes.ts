@@ -11,7 +11,7 @@ export interface OutcomeMessage {
   queueId: string;
   receivedAt: string;
   mailFrom: string;
-  source: "mx" | "msa" | "dsn";
+  source: "mx" | "msa" | "dsn" | "report";
   notices: boolean;
 }
 

@@ -217,6 +217,18 @@ describe("worker statuses and retries", () => {
     expect(r.logs.some((l) => l.includes("no DSN sent") && l.includes("null envelope sender"))).toBe(true);
   });
 
+  it("routes a TLS report from delivery (source report, null sender) like any message, and bounces it to no one", async () => {
+    const r = await router();
+    const mail = await peers.queue({ source: "report", mailFrom: "", rcptTo: ["tlsrpt@remote.test"] });
+    const req = await peers.waitRemote((q) => q.queueId === mail.queueId, "the report's request");
+    expect(req).toMatchObject({ mailFrom: "", destination: { domain: "remote.test" } });
+    expect(req.recipients.map((x) => x.address)).toEqual(["tlsrpt@remote.test"]);
+    await peers.status(req, "tlsrpt@remote.test", "bounced", reply(550, "5.1.1", "no such report address"));
+    await waitFor(async () => (await r.queue.getMessage(mail.queueId)) === null, { message: "final" });
+    expect(await r.metric("router_dsn_total", { kind: "suppressed" })).toBe(1);
+    expect(await r.metric("router_dsn_total", { kind: "failure" })).toBe(0);
+  });
+
   it("sends a delay notice, then a failure DSN when the queue lifetime runs out", async () => {
     const r = await router({ RETRY_SCHEDULE: "1s", QUEUE_LIFETIME: "4s", DELAY_WARNING: "1s" });
     const mail = await peers.queue({ mailFrom: "alice@example.test", rcptTo: ["slow@remote.test"] });

@@ -214,7 +214,7 @@ export interface MailOptions {
   queueId?: string;
   mailFrom?: string;
   rcptTo: (string | EnvelopeRecipient)[];
-  source?: "mx" | "msa" | "dsn";
+  source?: "mx" | "msa" | "dsn" | "report";
   receivedAt?: string;
   /** Nats-Msg-Id of the queued publish (default: the queue id) */
   msgId?: string;

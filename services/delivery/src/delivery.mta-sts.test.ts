@@ -1,0 +1,376 @@
+// MTA-STS (RFC 8461) and TLS-RPT (RFC 8460) against real parts: the DNS server on loopback serves
+// `_mta-sts` and `_smtp._tls` TXT records, an HTTPS server on 127.0.0.4 with a certificate from a
+// test CA serves the policy, SMTP peers on 127.0.0.2/3 play the MX hosts, Redis holds the cache.
+import { writeFile } from "node:fs/promises";
+import https from "node:https";
+import path from "node:path";
+import { gunzipSync } from "node:zlib";
+import type { Bus } from "@mailpipe/bus";
+import { QueuedMail } from "@mailpipe/contracts";
+import {
+  createTestCa,
+  type DnsServerHandle,
+  freePort,
+  type NatsHandle,
+  type ServerHandle,
+  startDnsServer,
+  startNats,
+  startRedis,
+  type TempDir,
+  type TestCa,
+  tempDir,
+} from "@mailpipe/testing";
+import { Redis } from "ioredis";
+import { simpleParser } from "mailparser";
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import {
+  collectEvents,
+  collectStatuses,
+  connectBus,
+  message,
+  mx,
+  publishRequest,
+  quietTelemetry,
+  resetBus,
+  startPeers,
+  testConfig,
+} from "../test/helpers.ts";
+import { type RunningDelivery, startDelivery } from "./service.ts";
+import { dayOf } from "./tls-report.ts";
+
+const POLICY_HOST = "127.0.0.4";
+let nats: NatsHandle;
+let redisServer: ServerHandle;
+let redis: Redis;
+let admin: Bus;
+let ca: TestCa;
+let dir: TempDir;
+let caFile: string;
+let dns: DnsServerHandle;
+let policyServer: https.Server;
+let policyPort: number;
+/** what the policy host serves, per domain; and how many requests it got */
+const policies = new Map<string, string>();
+let fetches = 0;
+const cleanups: (() => Promise<unknown>)[] = [];
+
+beforeAll(async () => {
+  nats = await startNats();
+  redisServer = await startRedis();
+  redis = new Redis(redisServer.url, { lazyConnect: false });
+  admin = await connectBus(nats.url);
+  ca = await createTestCa();
+  dir = await tempDir("delivery-mta-sts");
+  caFile = path.join(dir.path, "ca.pem");
+  await writeFile(caFile, ca.cert);
+  const policyCert = await ca.issue([
+    "mta-sts.sts.test",
+    "mta-sts.testing.test",
+    "mta-sts.mismatch.test",
+    "mta-sts.slow.test",
+    "mta-sts.big.test",
+  ]);
+  policyServer = https.createServer({ key: policyCert.key, cert: policyCert.cert }, (req, res) => {
+    fetches++;
+    const domain = (req.headers.host ?? "").replace(/^mta-sts\./, "");
+    if (domain === "slow.test") return; // never answers
+    if (domain === "big.test") {
+      res.writeHead(200, { "content-type": "text/plain" });
+      res.end(
+        `version: STSv1\r\nmode: enforce\r\nmx: mx.big.test\r\nmax_age: 86400\r\n${"x: y\r\n".repeat(20_000)}`,
+      );
+      return;
+    }
+    const text = policies.get(domain);
+    if (req.url !== "/.well-known/mta-sts.txt" || !text) {
+      res.writeHead(404).end();
+      return;
+    }
+    res.writeHead(200, { "content-type": "text/plain" }).end(text);
+  });
+  policyPort = await freePort(POLICY_HOST);
+  await new Promise<void>((resolve) => policyServer.listen(policyPort, POLICY_HOST, resolve));
+  dns = await startDnsServer();
+}, 60_000);
+afterAll(async () => {
+  await new Promise((r) => policyServer?.close(r));
+  await dns?.stop();
+  redis?.disconnect();
+  await redisServer?.stop();
+  await admin?.close();
+  await nats?.stop();
+  await ca?.remove();
+  await dir?.remove();
+});
+beforeEach(async () => {
+  fetches = 0;
+  policies.clear();
+  dns.clear();
+  await redis.flushall();
+});
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c().catch(() => {});
+  await resetBus(admin);
+});
+
+/** `domain` publishes an MTA-STS policy (id in TXT) and asks for TLS reports at tlsrpt@reports.test. */
+function publishPolicy(domain: string, id: string, mode: string, mxPatterns: string[]) {
+  dns.set(`_mta-sts.${domain}`, { TXT: [`v=STSv1; id=${id}`], ttl: 0 });
+  dns.set(`mta-sts.${domain}`, { A: [POLICY_HOST] });
+  dns.set(`_smtp._tls.${domain}`, {
+    TXT: ["v=TLSRPTv1; rua=mailto:tlsrpt@reports.test,https://reports.test/x"],
+  });
+  policies.set(
+    domain,
+    ["version: STSv1", `mode: ${mode}`, ...mxPatterns.map((m) => `mx: ${m}`), "max_age: 86400", ""].join(
+      "\r\n",
+    ),
+  );
+}
+
+async function peers(...args: Parameters<typeof startPeers>) {
+  const started = await startPeers(...args);
+  cleanups.push(() => Promise.all(started.peers.map((p) => p.stop())));
+  return started;
+}
+
+async function worker(port: number, env: Record<string, string> = {}): Promise<RunningDelivery> {
+  const telemetry = quietTelemetry();
+  const bus = await connectBus(nats.url, telemetry);
+  const config = testConfig(nats.url, port, {
+    MTA_STS: "on",
+    MTA_STS_PORT: String(policyPort),
+    DNS_SERVERS: dns.address,
+    OUTBOUND_TLS_CA_FILE: caFile,
+    ...env,
+  });
+  const delivery = await startDelivery({ config, bus, telemetry, redis });
+  cleanups.push(async () => {
+    await delivery.stop();
+    await bus.close();
+  });
+  return delivery;
+}
+
+function watch() {
+  const statuses = collectStatuses(admin);
+  const events = collectEvents(admin);
+  cleanups.push(async () => {
+    await (await statuses).stop();
+    await events.stop();
+  });
+  return { statuses, events };
+}
+
+describe("MTA-STS", () => {
+  it("enforce: delivers over verified TLS to a listed MX; the policy is cached in Redis and shared by a second worker", async () => {
+    publishPolicy("sts.test", "20261204a", "enforce", ["*.sts.test"]);
+    const cert = await ca.issue(["mx1.sts.test"]);
+    const {
+      port,
+      peers: [peer],
+    } = await peers(["127.0.0.2"], () => ({ certificate: cert }));
+    await worker(port);
+    const { events } = watch();
+    await publishRequest(admin, {
+      domain: "sts.test",
+      hosts: [mx("mx1.sts.test", 10, "127.0.0.2")],
+      recipients: ["bob@sts.test"],
+      body: message("sts", "bob@sts.test"),
+    });
+    const [got] = await peer!.waitForMessages(1);
+    expect(got!.tls).toBe(true);
+    const e = await events.waitFor("delivered", "bob@sts.test");
+    expect(e.tls).toMatchObject({
+      policy: "verify",
+      source: "mta-sts",
+      verified: true,
+      cipher: got!.tlsCipher,
+    });
+    const cached = JSON.parse((await redis.get("mta-sts:policy:sts.test"))!);
+    expect(cached).toMatchObject({ id: "20261204a", mode: "enforce", mx: ["*.sts.test"], maxAge: 86400 });
+    expect(await redis.pttl("mta-sts:policy:sts.test")).toBeGreaterThan(86_000_000);
+    expect(fetches).toBe(1);
+
+    // another replica, same Redis: no second fetch while the TXT id is the same
+    const second = await worker(port);
+    expect((await second.mtaSts!.lookup("sts.test")).policy?.id).toBe("20261204a");
+    expect(fetches).toBe(1);
+    // a new id in DNS: fetched again
+    dns.set("_mta-sts.sts.test", { TXT: ["v=STSv1; id=20261204b"], ttl: 0 });
+    policies.set("sts.test", "version: STSv1\r\nmode: testing\r\nmx: *.sts.test\r\nmax_age: 600\r\n");
+    const renewed = await second.mtaSts!.lookup("sts.test");
+    expect(renewed.policy).toMatchObject({ id: "20261204b", mode: "testing", maxAge: 600 });
+    expect(fetches).toBe(2);
+  });
+
+  it("enforce: defers with 4.7.5 when the MX is not in the policy, and with 4.7.4 when the MX offers no STARTTLS", async () => {
+    publishPolicy("sts.test", "1", "enforce", ["mx1.sts.test"]);
+    const {
+      port,
+      peers: [unlisted, plain],
+    } = await peers(["127.0.0.2", "127.0.0.3"]);
+    await worker(port);
+    const { statuses } = watch();
+    await publishRequest(admin, {
+      domain: "sts.test",
+      hosts: [mx("evil.attacker.test", 10, "127.0.0.2")],
+      recipients: ["bob@sts.test"],
+      body: message("mismatch", "bob@sts.test"),
+    });
+    await publishRequest(admin, {
+      domain: "sts.test",
+      hosts: [mx("mx1.sts.test", 10, "127.0.0.3")],
+      recipients: ["carol@sts.test"],
+      body: message("no starttls", "carol@sts.test"),
+    });
+    const seen = await (await statuses).waitFor(2);
+    const mismatch = seen.find((s) => s.status.recipient === "bob@sts.test")!.status;
+    expect(mismatch).toMatchObject({ outcome: "deferred", reply: { code: 451, enhanced: "4.7.5" } });
+    expect(mismatch.reply.text).toMatch(
+      /evil\.attacker\.test does not match the MTA-STS policy of sts\.test/,
+    );
+    expect(unlisted!.connections).toBe(0);
+    const noTls = seen.find((s) => s.status.recipient === "carol@sts.test")!.status;
+    expect(noTls).toMatchObject({ outcome: "deferred", reply: { code: 451, enhanced: "4.7.4" } });
+    expect(noTls.reply.text).toMatch(/MTA-STS enforce/);
+    expect(plain!.messages).toHaveLength(0);
+  });
+
+  it("testing: delivers anyway and records the failures; the daily report is gzip JSON with the right counts, sent through the pipeline", async () => {
+    publishPolicy("testing.test", "7", "testing", ["mx.testing.test"]);
+    const good = await ca.issue(["mx.testing.test"]);
+    const {
+      port,
+      peers: [plain, verified],
+    } = await peers(["127.0.0.2", "127.0.0.3"], (host) =>
+      host === "127.0.0.3" ? { certificate: good } : {},
+    );
+    const delivery = await worker(port, { SMTP_REUSE_CONNECTIONS: "false" });
+    const { statuses } = watch();
+    // one session to a host without STARTTLS, two verified ones
+    await publishRequest(admin, {
+      domain: "testing.test",
+      hosts: [mx("mx.testing.test", 10, "127.0.0.2")],
+      recipients: ["a@testing.test"],
+      body: message("plain", "a@testing.test"),
+    });
+    for (const r of ["b@testing.test", "c@testing.test"]) {
+      await publishRequest(admin, {
+        domain: "testing.test",
+        hosts: [mx("mx.testing.test", 10, "127.0.0.3")],
+        recipients: [r],
+        body: message("verified", r),
+      });
+    }
+    const seen = await (await statuses).waitFor(3);
+    expect(seen.every((s) => s.status.outcome === "delivered")).toBe(true);
+    expect(plain!.messages[0]!.tls).toBe(false);
+    expect(verified!.messages.map((m) => m.tls)).toEqual([true, true]);
+
+    const results = await delivery.tlsReports!.store.results(dayOf(new Date()), "testing.test");
+    expect(results.successes).toEqual({ sts: 2 });
+    expect(results.failures).toEqual([
+      {
+        policy: "sts",
+        resultType: "starttls-not-supported",
+        mxHost: "mx.testing.test",
+        ip: "127.0.0.2",
+        count: 1,
+      },
+    ]);
+
+    // the report: one message on the spool, as the router will route it
+    const reports: { mail: QueuedMail; raw: Buffer }[] = [];
+    const sub = await admin.consume("router", QueuedMail, (mail, ctx) => {
+      reports.push({ mail, raw: Buffer.from(ctx.attachment!) });
+    });
+    cleanups.push(() => sub.stop());
+    const today = dayOf(new Date());
+    const sent = await delivery.tlsReports!.send(today);
+    expect(sent).toHaveLength(1);
+    expect(await delivery.tlsReports!.send(today)).toHaveLength(0); // once per day and domain
+    const deadline = Date.now() + 10_000;
+    while (reports.length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    const [{ mail, raw }] = reports as [{ mail: QueuedMail; raw: Buffer }];
+    expect(mail).toMatchObject({
+      source: "report",
+      envelope: { mailFrom: "", rcptTo: [{ address: "tlsrpt@reports.test" }] },
+    });
+    const parsed = await simpleParser(raw);
+    expect(parsed.headers.get("tls-report-domain")).toBe("testing.test");
+    expect(parsed.subject).toMatch(/^Report Domain: testing\.test Submitter: out\.sender\.test Report-ID: </);
+    expect(String((parsed.headers.get("content-type") as { value: string }).value)).toBe("multipart/report");
+    const gz = parsed.attachments.find((a) => a.contentType === "application/tlsrpt+gzip")!;
+    expect(gz.filename).toMatch(/^out\.sender\.test!testing\.test!\d+!\d+!.+\.json\.gz$/);
+    const report = JSON.parse(gunzipSync(gz.content).toString("utf8"));
+    expect(report["organization-name"]).toBe("out.sender.test");
+    expect(report["date-range"]).toEqual({
+      "start-datetime": `${today}T00:00:00Z`,
+      "end-datetime": `${today}T23:59:59Z`,
+    });
+    expect(report.policies).toEqual([
+      {
+        policy: {
+          "policy-type": "sts",
+          "policy-string": ["version: STSv1", "mode: testing", "mx: mx.testing.test", "max_age: 86400"],
+          "policy-domain": "testing.test",
+          "mx-host": ["mx.testing.test"],
+        },
+        summary: { "total-successful-session-count": 2, "total-failure-session-count": 1 },
+        "failure-details": [
+          {
+            "result-type": "starttls-not-supported",
+            "receiving-mx-hostname": "mx.testing.test",
+            "receiving-ip": "127.0.0.2",
+            "failed-session-count": 1,
+          },
+        ],
+      },
+    ]);
+  });
+
+  it("a policy host whose certificate does not verify gives no policy (and a sts-webpki-invalid failure): mail goes out opportunistically", async () => {
+    publishPolicy("mismatch.test", "1", "enforce", ["mx.mismatch.test"]);
+    const {
+      port,
+      peers: [peer],
+    } = await peers(["127.0.0.2"]);
+    // the worker does not trust the test CA: the policy host's certificate fails verification
+    const delivery = await worker(port, { OUTBOUND_TLS_CA_FILE: "" });
+    const looked = await delivery.mtaSts!.lookup("mismatch.test");
+    expect(looked.policy).toBeUndefined();
+    expect(looked.failure).toMatchObject({ type: "sts-webpki-invalid" });
+    const { statuses } = watch();
+    await publishRequest(admin, {
+      domain: "mismatch.test",
+      hosts: [mx("mx.mismatch.test", 10, "127.0.0.2")],
+      recipients: ["bob@mismatch.test"],
+      body: message("no policy", "bob@mismatch.test"),
+    });
+    const [s] = await (await statuses).waitFor(1);
+    expect(s!.status.outcome).toBe("delivered");
+    expect(peer!.messages).toHaveLength(1);
+  });
+
+  it("bounds the policy fetch in time and size: a host that never answers and a policy over 64 KiB give no policy", async () => {
+    for (const d of ["slow.test", "big.test"]) {
+      dns.set(`_mta-sts.${d}`, { TXT: ["v=STSv1; id=1"], ttl: 0 });
+      dns.set(`mta-sts.${d}`, { A: [POLICY_HOST] });
+    }
+    const delivery = await worker(25, { MTA_STS_FETCH_TIMEOUT: "500ms" });
+    const slow = await delivery.mtaSts!.lookup("slow.test");
+    expect(slow.policy).toBeUndefined();
+    expect(slow.failure).toMatchObject({ type: "sts-policy-fetch-error" });
+    // the fetch's own deadline ended it (the server never answers)
+    expect(slow.failure!.detail).toMatch(/no policy within 500 ms|timed out/);
+    const big = await delivery.mtaSts!.lookup("big.test");
+    expect(big.policy).toBeUndefined();
+    expect(big.failure).toMatchObject({ type: "sts-policy-invalid" });
+    expect(big.failure!.detail).toMatch(/larger than 65536 bytes/);
+    // held: the next message does not fetch again for the same id
+    const before = fetches;
+    expect((await delivery.mtaSts!.lookup("big.test")).failure?.type).toBe("sts-policy-invalid");
+    expect(fetches).toBe(before);
+  });
+});
