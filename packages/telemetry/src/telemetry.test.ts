@@ -1,4 +1,5 @@
 import { Writable } from "node:stream";
+import { context, propagation, ROOT_CONTEXT, trace } from "@opentelemetry/api";
 import { describe, expect, it } from "vitest";
 import { attr, createTelemetry, InMemorySpanExporter, inSpan, SpanKind, withQueueId } from "./index.ts";
 
@@ -136,5 +137,62 @@ describe("logging to standard output", () => {
       ["info", "buffered"],
       ["warn", "something is wrong"],
     ]);
+  });
+
+  it("a ratio sampler keeps a message's trace whole across services, or drops it whole", async () => {
+    const env = { OTEL_TRACES_SAMPLER: "parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG: "0.5" };
+    const mxSpans = new InMemorySpanExporter();
+    const routerSpans = new InMemorySpanExporter();
+    const mx = createTelemetry({
+      service: "mx",
+      logLevel: "silent",
+      defaultMetrics: false,
+      spanExporter: mxSpans,
+      env,
+    });
+    const router = createTelemetry({
+      service: "router",
+      logLevel: "silent",
+      defaultMetrics: false,
+      spanExporter: routerSpans,
+      env,
+    });
+    const traces: string[] = [];
+    for (let i = 0; i < 60; i++) {
+      // mx's root span, its context sent in the message's headers, the router's span from them
+      const root = mx.tracer.startSpan("smtp.transaction", { kind: SpanKind.SERVER });
+      const headers: Record<string, string> = {};
+      propagation.inject(trace.setSpan(context.active(), root), headers);
+      root.end();
+      const parent = propagation.extract(ROOT_CONTEXT, headers);
+      router.tracer.startSpan("process mail.v1.spool", { kind: SpanKind.CONSUMER }, parent).end();
+      traces.push(root.spanContext().traceId);
+    }
+    const kept = (e: InMemorySpanExporter) =>
+      new Set(e.getFinishedSpans().map((s) => s.spanContext().traceId));
+    const inMx = kept(mxSpans);
+    const inRouter = kept(routerSpans);
+    for (const id of traces) expect(inRouter.has(id), id).toBe(inMx.has(id));
+    // about half: neither all nor none (the chance of either is 2^-59)
+    expect(inMx.size).toBeGreaterThan(0);
+    expect(inMx.size).toBeLessThan(traces.length);
+  });
+
+  it("refuses an unknown sampler or ratio, saying what to use", () => {
+    const make = (env: Record<string, string>) => () =>
+      createTelemetry({
+        service: "mx",
+        logLevel: "silent",
+        defaultMetrics: false,
+        spanExporter: new InMemorySpanExporter(),
+        env,
+      });
+    expect(make({ OTEL_TRACES_SAMPLER: "sometimes" })).toThrow(/use always_on, always_off, traceidratio/);
+    expect(make({ OTEL_TRACES_SAMPLER: "traceidratio", OTEL_TRACES_SAMPLER_ARG: "2" })).toThrow(
+      /a ratio between 0 and 1/,
+    );
+    expect(make({ OTEL_RESOURCE_ATTRIBUTES: "novalue" })).toThrow(
+      /OTEL_RESOURCE_ATTRIBUTES: "novalue" is not key=value/,
+    );
   });
 });

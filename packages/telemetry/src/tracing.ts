@@ -1,3 +1,4 @@
+import { createRequire } from "node:module";
 import {
   context,
   propagation,
@@ -9,17 +10,22 @@ import {
 } from "@opentelemetry/api";
 import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-hooks";
 import { W3CTraceContextPropagator } from "@opentelemetry/core";
-import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
 import { resourceFromAttributes } from "@opentelemetry/resources";
 import {
   AlwaysOffSampler,
   AlwaysOnSampler,
   BatchSpanProcessor,
+  ParentBasedSampler,
+  type Sampler,
   SimpleSpanProcessor,
   type SpanExporter,
   type SpanProcessor,
+  TraceIdRatioBasedSampler,
   TracerProvider,
 } from "@opentelemetry/sdk-trace";
+
+// the exporter of the protocol in use is loaded when tracing starts, not the three (gRPC's is large)
+const require = createRequire(import.meta.url);
 
 export { type Span, SpanKind, SpanStatusCode, type Tracer } from "@opentelemetry/api";
 export { InMemorySpanExporter, type ReadableSpan, type SpanExporter } from "@opentelemetry/sdk-trace";
@@ -39,7 +45,7 @@ export interface TracingOptions {
   version?: string;
   /** extra exporter, exported span by span (tests pass an InMemorySpanExporter) */
   exporter?: SpanExporter;
-  /** OTLP/HTTP base endpoint; defaults to OTEL_EXPORTER_OTLP_ENDPOINT */
+  /** OTLP base endpoint; defaults to OTEL_EXPORTER_OTLP_ENDPOINT */
   otlpEndpoint?: string | undefined;
   env?: NodeJS.ProcessEnv;
 }
@@ -53,6 +59,131 @@ export interface Tracing {
   shutdown(): Promise<void>;
 }
 
+export type OtlpProtocol = "http/protobuf" | "http/json" | "grpc";
+const PROTOCOLS: readonly OtlpProtocol[] = ["http/protobuf", "http/json", "grpc"];
+
+export class TracingConfigError extends Error {
+  override name = "TracingConfigError";
+}
+
+/** `k1=v1,k2=v2` with percent-encoded values (OTEL_EXPORTER_OTLP_HEADERS, OTEL_RESOURCE_ATTRIBUTES). */
+export function parseKeyValues(text: string | undefined, what: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const part of (text ?? "").split(",")) {
+    if (part.trim() === "") continue;
+    const eq = part.indexOf("=");
+    if (eq <= 0) throw new TracingConfigError(`${what}: "${part.trim()}" is not key=value`);
+    try {
+      out[decodeURIComponent(part.slice(0, eq).trim())] = decodeURIComponent(part.slice(eq + 1).trim());
+    } catch {
+      throw new TracingConfigError(`${what}: "${part.trim()}" is not percent-encoded correctly`);
+    }
+  }
+  return out;
+}
+
+export interface OtlpSettings {
+  protocol: OtlpProtocol;
+  /** the traces endpoint: a URL ending in /v1/traces for HTTP, host:port as a URL for gRPC */
+  url: string;
+  headers: Record<string, string>;
+  timeoutMillis: number;
+  compression: "gzip" | "none";
+}
+
+/**
+ * The OTLP exporter settings from the standard variables (signal-specific ones first), or undefined
+ * when no endpoint is set (nothing is exported then).
+ */
+export function otlpSettings(env: NodeJS.ProcessEnv, endpointOverride?: string): OtlpSettings | undefined {
+  const protocol = (env.OTEL_EXPORTER_OTLP_TRACES_PROTOCOL ??
+    env.OTEL_EXPORTER_OTLP_PROTOCOL ??
+    "http/protobuf") as OtlpProtocol;
+  if (!PROTOCOLS.includes(protocol)) {
+    throw new TracingConfigError(
+      `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL is "${protocol}": use http/protobuf (the default), http/json or grpc`,
+    );
+  }
+  const base = endpointOverride ?? env.OTEL_EXPORTER_OTLP_ENDPOINT;
+  const signal = env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT;
+  // the general endpoint gets the signal's path over HTTP; gRPC and the traces endpoint are taken as given
+  const url = signal ?? (base ? (protocol === "grpc" ? base : `${base.replace(/\/$/, "")}/v1/traces`) : "");
+  if (!url) return undefined;
+  const timeout = Number(env.OTEL_EXPORTER_OTLP_TRACES_TIMEOUT ?? env.OTEL_EXPORTER_OTLP_TIMEOUT ?? 10_000);
+  const compression =
+    env.OTEL_EXPORTER_OTLP_TRACES_COMPRESSION ?? env.OTEL_EXPORTER_OTLP_COMPRESSION ?? "none";
+  if (compression !== "gzip" && compression !== "none") {
+    throw new TracingConfigError(
+      `OTEL_EXPORTER_OTLP_(TRACES_)COMPRESSION is "${compression}": use gzip or none`,
+    );
+  }
+  return {
+    protocol,
+    url,
+    headers: {
+      ...parseKeyValues(env.OTEL_EXPORTER_OTLP_HEADERS, "OTEL_EXPORTER_OTLP_HEADERS"),
+      ...parseKeyValues(env.OTEL_EXPORTER_OTLP_TRACES_HEADERS, "OTEL_EXPORTER_OTLP_TRACES_HEADERS"),
+    },
+    timeoutMillis: Number.isFinite(timeout) && timeout > 0 ? timeout : 10_000,
+    compression,
+  };
+}
+
+function otlpExporter(s: OtlpSettings): SpanExporter {
+  const common = { url: s.url, timeoutMillis: s.timeoutMillis, compression: s.compression as never };
+  if (s.protocol === "grpc") {
+    const { Metadata } = require("@grpc/grpc-js") as typeof import("@grpc/grpc-js");
+    const metadata = new Metadata();
+    for (const [k, v] of Object.entries(s.headers)) metadata.set(k, v);
+    const { OTLPTraceExporter } =
+      require("@opentelemetry/exporter-trace-otlp-grpc") as typeof import("@opentelemetry/exporter-trace-otlp-grpc");
+    return new OTLPTraceExporter({ ...common, metadata });
+  }
+  const { OTLPTraceExporter } = (
+    s.protocol === "http/json"
+      ? require("@opentelemetry/exporter-trace-otlp-http")
+      : require("@opentelemetry/exporter-trace-otlp-proto")
+  ) as typeof import("@opentelemetry/exporter-trace-otlp-proto");
+  return new OTLPTraceExporter({ ...common, headers: s.headers });
+}
+
+/**
+ * OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG as the specification names them. Unset: every span
+ * of a service that exports is recorded whatever its parent's flag says, so a service that exports
+ * shows its part of a message's trace even when the service before it does not export.
+ */
+export function samplerFromEnv(env: NodeJS.ProcessEnv): Sampler | undefined {
+  const name = env.OTEL_TRACES_SAMPLER;
+  if (name === undefined || name === "") return undefined;
+  const ratio = () => {
+    const arg = env.OTEL_TRACES_SAMPLER_ARG;
+    if (arg === undefined || arg === "") return 1;
+    const r = Number(arg);
+    if (!Number.isFinite(r) || r < 0 || r > 1) {
+      throw new TracingConfigError(`OTEL_TRACES_SAMPLER_ARG is "${arg}": a ratio between 0 and 1`);
+    }
+    return r;
+  };
+  switch (name) {
+    case "always_on":
+      return new AlwaysOnSampler();
+    case "always_off":
+      return new AlwaysOffSampler();
+    case "traceidratio":
+      return new TraceIdRatioBasedSampler(ratio());
+    case "parentbased_always_on":
+      return new ParentBasedSampler({ root: new AlwaysOnSampler() });
+    case "parentbased_always_off":
+      return new ParentBasedSampler({ root: new AlwaysOffSampler() });
+    case "parentbased_traceidratio":
+      return new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(ratio()) });
+    default:
+      throw new TracingConfigError(
+        `OTEL_TRACES_SAMPLER is "${name}": use always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off or parentbased_traceidratio`,
+      );
+  }
+}
+
 export function createTracing({
   service,
   version,
@@ -62,13 +193,11 @@ export function createTracing({
 }: TracingOptions): Tracing {
   installContextGlobals();
   const processors: SpanProcessor[] = [];
-  const endpoint = otlpEndpoint ?? env.OTEL_EXPORTER_OTLP_ENDPOINT;
-  const tracesUrl =
-    env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT ?? (endpoint ? `${endpoint.replace(/\/$/, "")}/v1/traces` : "");
-  if (tracesUrl) {
+  const otlp = otlpSettings(env, otlpEndpoint);
+  if (otlp) {
     processors.push(
       new BatchSpanProcessor({
-        exporter: new OTLPTraceExporter({ url: tracesUrl }),
+        exporter: otlpExporter(otlp),
         scheduledDelayMillis: Number(env.OTEL_BSP_SCHEDULE_DELAY ?? 2000),
         maxQueueSize: 8192,
         maxExportBatchSize: 512,
@@ -76,16 +205,19 @@ export function createTracing({
     );
   }
   if (exporter) processors.push(new SimpleSpanProcessor({ exporter }));
+  const sampler = samplerFromEnv(env);
+  const resourceAttributes = parseKeyValues(env.OTEL_RESOURCE_ATTRIBUTES, "OTEL_RESOURCE_ATTRIBUTES");
   // Nothing to export: spans still get ids (logs, events and the traceparent carry them) but are
-  // not recorded, which saves their cost. When exporting, record every span whatever the
-  // upstream flag says, so a service that exports still shows its part of a message's trace.
+  // not recorded, which saves their cost.
   const provider = new TracerProvider({
-    sampler: processors.length > 0 ? new AlwaysOnSampler() : new AlwaysOffSampler(),
+    sampler: processors.length === 0 ? new AlwaysOffSampler() : (sampler ?? new AlwaysOnSampler()),
     resource: resourceFromAttributes({
-      "service.name": env.OTEL_SERVICE_NAME ?? service,
       "service.namespace": "mailpipe",
       ...(version ? { "service.version": version } : {}),
       "service.instance.id": `${env.HOSTNAME ?? "local"}-${process.pid}`,
+      ...resourceAttributes,
+      // OTEL_SERVICE_NAME wins over a service.name in OTEL_RESOURCE_ATTRIBUTES, as the spec says
+      "service.name": env.OTEL_SERVICE_NAME ?? resourceAttributes["service.name"] ?? service,
     }),
     spanProcessors: processors,
   });
