@@ -178,6 +178,7 @@ export const EVENT_TYPES = [
   "expired",
   "delayed",
   "dsn",
+  "held",
 ] as const;
 export const EventType = z.enum(EVENT_TYPES);
 export type EventType = z.infer<typeof EventType>;

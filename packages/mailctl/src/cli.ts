@@ -26,6 +26,10 @@ export const USAGE = `mailctl: operate a mailpipe installation
                                             create a DKIM key, set it in the directory, print the DNS record
   mailctl queue [list] [--json]             scheduled retries: recipient, destination, attempts, next attempt, last reply
   mailctl queue flush                       make every scheduled retry due now
+  mailctl queue hold <queue id> | --destination <domain> | --all
+                                            keep mail aside (not dispatched) until released; survives restarts
+  mailctl queue release <queue id> | --destination <domain> | --all
+                                            end a hold: the held mail goes back to the schedule
   mailctl queue delete <id> [--bounce|--drop]
                                             remove a scheduled retry, sending a bounce (default) or not
   mailctl track <queue id | <Message-ID> | address> [--since 24h] [--json] [--scan]
@@ -59,6 +63,8 @@ export async function run(argv: string[], io: Io): Promise<number> {
         since: { type: "string" },
         json: { type: "boolean" },
         scan: { type: "boolean" },
+        destination: { type: "string" },
+        all: { type: "boolean" },
         bounce: { type: "boolean" },
         drop: { type: "boolean" },
         limit: { type: "string" },

@@ -1,5 +1,5 @@
-import { formatReply } from "@mailpipe/contracts";
-import { MailQueue } from "@mailpipe/queue";
+import { formatReply, isQueueId, normalizeDomain } from "@mailpipe/contracts";
+import { type HoldRule, MailQueue } from "@mailpipe/queue";
 import { Redis } from "ioredis";
 import { CommandError, type Io, out, UsageError } from "./io.ts";
 
@@ -42,6 +42,8 @@ export async function queueCommand(
     bounce?: boolean | undefined;
     drop?: boolean | undefined;
     limit?: string | undefined;
+    destination?: string | undefined;
+    all?: boolean | undefined;
   },
   io: Io,
 ): Promise<void> {
@@ -56,6 +58,8 @@ export async function queueCommand(
         out(io, JSON.stringify({ stats, scheduled: entries }, null, 2));
         return;
       }
+      const holds = await q.holds();
+      if (holds.length > 0) out(io, `on hold: ${holds.map(describeHold).join(", ")}`);
       if (entries.length === 0) {
         out(io, `no scheduled retries (${stats.inFlight} being dispatched)`);
         return;
@@ -68,7 +72,7 @@ export async function queueCommand(
         out(io, `${e.id}`);
         out(
           io,
-          `    ${e.recipient} → ${e.destination}  attempts ${e.attempts}  next ${e.nextAttemptAt} (${ago(e.nextAttemptAt)})${e.mark ? `  marked: ${e.mark}` : ""}`,
+          `    ${e.recipient} → ${e.destination}  attempts ${e.attempts}  ${e.held ? "HELD (mailctl queue release)" : `next ${e.nextAttemptAt} (${ago(e.nextAttemptAt)})`}${e.mark ? `  marked: ${e.mark}` : ""}`,
         );
         if (e.lastReply) out(io, `    last reply: ${formatReply(e.lastReply)}`);
       }
@@ -94,5 +98,49 @@ export async function queueCommand(
     );
     return;
   }
+  if (action === "hold" || action === "release") {
+    const rule = holdRule(action, id, flags);
+    if (action === "hold") {
+      const n = await withQueue(io, (q) => q.hold(rule));
+      out(
+        io,
+        `on hold: ${describeHold(rule)} (${n} scheduled ${n === 1 ? "retry" : "retries"} set aside now; new mail to it is kept too, until "mailctl queue release")`,
+      );
+    } else {
+      const n = await withQueue(io, (q) => q.release(rule));
+      out(
+        io,
+        `released: ${describeHold(rule)} (${n} held ${n === 1 ? "retry" : "retries"} back in the schedule)`,
+      );
+    }
+    return;
+  }
   throw new UsageError(`unknown queue action "${action}"`);
+}
+
+function holdRule(
+  action: string,
+  id: string | undefined,
+  flags: { destination?: string | undefined; all?: boolean | undefined },
+): HoldRule {
+  const usage = `usage: mailctl queue ${action} <queue id> | --destination <domain> | --all`;
+  const given = [id !== undefined, flags.destination !== undefined, !!flags.all].filter(Boolean).length;
+  if (given !== 1) throw new UsageError(usage);
+  if (flags.all) return { kind: "all" };
+  if (flags.destination !== undefined) {
+    const domain = normalizeDomain(flags.destination);
+    if (domain === null) throw new UsageError(`"${flags.destination}" is not a domain name`);
+    return { kind: "destination", domain };
+  }
+  const q = id!.toUpperCase();
+  if (!isQueueId(q)) throw new UsageError(`"${id}" is not a queue id (${usage})`);
+  return { kind: "message", queueId: q };
+}
+
+function describeHold(r: HoldRule): string {
+  return r.kind === "all"
+    ? "everything"
+    : r.kind === "destination"
+      ? `mail to ${r.domain}`
+      : `message ${r.queueId}`;
 }

@@ -8,7 +8,13 @@ export {
   type SuspectSlot,
   siteOf,
 } from "./destination-slots.ts";
-export { DEFAULT_PREFIX, MailQueue, type MailQueueOptions, QueueDataError } from "./queue.ts";
+export {
+  DEFAULT_PREFIX,
+  type HoldRule,
+  MailQueue,
+  type MailQueueOptions,
+  QueueDataError,
+} from "./queue.ts";
 export type {
   ClaimedJob,
   CreateResult,

@@ -378,6 +378,70 @@ describe("retry schedule", () => {
     expect(flushed?.id).toBe(list[1]!.id);
   });
 
+  it("holds retries by destination, message or all, across restarts, until released", async () => {
+    const q = new MailQueue(client());
+    const now = Date.now();
+    const heldQ = await scheduled(q, 2, now - 1000); // due already, to remote.test
+    const other = message();
+    await q.createMessage(other, [remote("x@elsewhere.test")]);
+    await q.scheduleRetry(other.queueId, "r:x@elsewhere.test", 1, now - 1000, deferred(), {
+      delayNotice: false,
+    });
+
+    expect(await q.hold({ kind: "destination", domain: "Remote.TEST" })).toBe(2);
+    expect(await q.holds()).toEqual([{ kind: "destination", domain: "remote.test" }]);
+    // the other destination still goes out; the held ones do not
+    const claimed = await q.claim(Date.now(), 10, 60_000);
+    expect(claimed.map((j) => j.queueId)).toEqual([other.queueId]);
+    const list = await q.listScheduled();
+    expect(list.filter((e) => e.held).map((e) => e.queueId)).toEqual([heldQ, heldQ]);
+
+    // a retry that comes due later under the hold is set aside when it comes due
+    const late = await scheduled(q, 1, Date.now() + 200);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(await q.claim(Date.now(), 10, 60_000)).toEqual([]);
+
+    // a router restarting reads the same rules (they are in Redis)
+    const again = new MailQueue(client());
+    expect(await again.holds()).toHaveLength(1);
+    expect(await again.claim(Date.now(), 10, 60_000)).toEqual([]);
+
+    // a message hold outlives the destination's release for that message only
+    expect(await again.hold({ kind: "message", queueId: late })).toBe(0);
+    expect(await again.release({ kind: "destination", domain: "remote.test" })).toBe(2);
+    const released = await again.claim(Date.now(), 10, 60_000);
+    expect(released.map((j) => j.queueId)).toEqual([heldQ, heldQ]);
+    expect(await again.claim(Date.now(), 10, 60_000)).toEqual([]);
+    expect(await again.release({ kind: "message", queueId: late })).toBe(1);
+    expect((await again.claim(Date.now(), 10, 60_000)).map((j) => j.queueId)).toEqual([late]);
+
+    // everything, and an operator's mark still acts on a held recipient
+    const all = await scheduled(q, 1, Date.now() - 10);
+    expect(await q.hold({ kind: "all" })).toBe(1);
+    expect(await q.claim(Date.now(), 10, 60_000)).toEqual([]);
+    const [entry] = (await q.listScheduled()).filter((e) => e.queueId === all);
+    expect(entry).toMatchObject({ held: true });
+    expect(await q.deleteScheduled(entry!.id, { action: "drop" })).toBe("marked");
+    expect((await q.claim(Date.now(), 10, 60_000)).map((j) => j.id)).toEqual([entry!.id]);
+    await q.release({ kind: "all" });
+    expect(await q.holds()).toEqual([]);
+  });
+
+  it("keeps a new message's first attempt aside as a held retry", async () => {
+    const q = new MailQueue(client());
+    const m = message();
+    await q.createMessage(m, [remote("a@remote.test"), remote("b@remote.test")]);
+    await q.hold({ kind: "destination", domain: "remote.test" });
+    expect(await q.holdPending(m.queueId, ["r:a@remote.test", "r:b@remote.test", "r:nobody@x.test"])).toBe(2);
+    expect(await q.holdPending(m.queueId, ["r:a@remote.test"])).toBe(0); // has its job already
+    const list = await q.listScheduled();
+    expect(list).toHaveLength(2);
+    expect(list.every((e) => e.held && e.attempts === 0)).toBe(true);
+    expect(await q.release({ kind: "destination", domain: "remote.test" })).toBe(2);
+    const jobs = (await q.claim(Date.now(), 10, 60_000)) as RetryJob[];
+    expect(jobs.map((j) => j.recipient.attempt)).toEqual([1, 1]);
+  });
+
   it("keeps the schedule across a Redis restart (AOF)", async () => {
     const redis = client();
     const q = new MailQueue(redis);

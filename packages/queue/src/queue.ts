@@ -10,10 +10,13 @@ import {
   FINISH_BY_ADDRESS,
   FINISH_RECIPIENT,
   FLUSH,
+  HOLD,
+  HOLD_PENDING,
   MARK,
   PREPARE_TASK,
   RECORD_DISPATCH,
   RELEASE_EXPIRED,
+  RELEASE_HOLD,
   RENEW_LEASES,
   SCHEDULE_RETRY,
 } from "./scripts.ts";
@@ -54,6 +57,9 @@ declare module "ioredis" {
     mpCompleteDsn(...args: Arg[]): Result<string[], Context>;
     mpMark(...args: Arg[]): Result<string, Context>;
     mpFlush(...args: Arg[]): Result<number, Context>;
+    mpHold(...args: Arg[]): Result<number, Context>;
+    mpReleaseHold(...args: Arg[]): Result<number, Context>;
+    mpHoldPending(...args: Arg[]): Result<number, Context>;
     mpRecordDispatch(...args: Arg[]): Result<number, Context>;
     mpRenewLeases(...args: Arg[]): Result<string[], Context>;
   }
@@ -73,11 +79,28 @@ const COMMANDS = {
   mpCompleteDsn: COMPLETE_DSN,
   mpMark: MARK,
   mpFlush: FLUSH,
+  mpHold: HOLD,
+  mpReleaseHold: RELEASE_HOLD,
+  mpHoldPending: HOLD_PENDING,
   mpRecordDispatch: RECORD_DISPATCH,
   mpRenewLeases: RENEW_LEASES,
 } as const;
 
 export const DEFAULT_PREFIX = "mailpipe:";
+
+/** What `mailctl queue hold` holds: one message, one destination domain, or everything. */
+export type HoldRule =
+  | { kind: "all" }
+  | { kind: "destination"; domain: string }
+  | { kind: "message"; queueId: string };
+
+function holdKey(rule: HoldRule): string {
+  return rule.kind === "all"
+    ? "all"
+    : rule.kind === "destination"
+      ? `d:${rule.domain.toLowerCase()}`
+      : `m:${rule.queueId}`;
+}
 
 export interface MailQueueOptions {
   /** key prefix; the router and mailctl must use the same one */
@@ -613,20 +636,22 @@ export class MailQueue {
 
   /** Scheduled retries, soonest first. */
   async listScheduled({ limit = 100 }: { limit?: number } = {}): Promise<ScheduledEntry[]> {
-    const flat = await this.redis.zrange(
-      `${this.prefix}due`,
-      0,
-      String(Math.max(0, limit - 1)),
-      "WITHSCORES",
+    const [flat, heldFlat] = await Promise.all(
+      ["due", "held"].map((set) =>
+        this.redis.zrange(`${this.prefix}${set}`, 0, String(Math.max(0, limit - 1)), "WITHSCORES"),
+      ),
     );
-    const ids: { id: string; due: number }[] = [];
-    for (let i = 0; i + 1 < flat.length; i += 2) ids.push({ id: flat[i]!, due: Number(flat[i + 1]) });
+    const ids: { id: string; due: number; held?: boolean }[] = [];
+    for (let i = 0; i + 1 < flat!.length; i += 2) ids.push({ id: flat![i]!, due: Number(flat![i + 1]) });
+    for (let i = 0; i + 1 < heldFlat!.length; i += 2) {
+      ids.push({ id: heldFlat![i]!, due: Number(heldFlat![i + 1]), held: true });
+    }
     if (ids.length === 0) return [];
     const pipe = this.redis.pipeline();
     for (const { id } of ids) pipe.hgetall(this.key("job", id));
     const rows = (await pipe.exec()) ?? [];
     const out: ScheduledEntry[] = [];
-    ids.forEach(({ id, due }, i) => {
+    ids.forEach(({ id, due, held }, i) => {
       const f = rows[i]?.[1] as Record<string, string> | undefined;
       if (!f?.recipient) return;
       const r = parseRecipient(f.recipient);
@@ -642,9 +667,45 @@ export class MailQueue {
         ...(lastReply ? { lastReply } : {}),
         receivedAt: f.receivedAt ?? "",
         ...(f.mark === "bounce" || f.mark === "drop" ? { mark: f.mark } : {}),
+        ...(held ? { held: true } : {}),
       });
     });
     return out;
+  }
+
+  /**
+   * Holds retries (mailctl queue hold): of one message, of one destination domain, or all. The rule
+   * stays in Redis until released, so it outlives router restarts; scheduled retries it covers move
+   * aside now, later ones when they come due, and the router keeps new messages' first attempts to a
+   * held destination (or all) aside too. Returns how many scheduled retries moved now.
+   */
+  async hold(rule: HoldRule, now = Date.now()): Promise<number> {
+    return this.redis.mpHold(this.prefix, holdKey(rule), now);
+  }
+
+  /** Ends a hold; the retries no other hold covers go back to the schedule. Returns how many. */
+  async release(rule: HoldRule, now = Date.now()): Promise<number> {
+    return this.redis.mpReleaseHold(this.prefix, holdKey(rule), now);
+  }
+
+  /** The holds in force. */
+  async holds(): Promise<HoldRule[]> {
+    const keys = await this.redis.hkeys(`${this.prefix}holds`);
+    return keys.flatMap((k): HoldRule[] =>
+      k === "all"
+        ? [{ kind: "all" }]
+        : k.startsWith("d:")
+          ? [{ kind: "destination", domain: k.slice(2) }]
+          : k.startsWith("m:")
+            ? [{ kind: "message", queueId: k.slice(2) }]
+            : [],
+    );
+  }
+
+  /** First attempts the router keeps aside: pending recipients become held retry jobs. */
+  async holdPending(queueId: string, rids: readonly string[], now = Date.now()): Promise<number> {
+    if (rids.length === 0) return 0;
+    return this.redis.mpHoldPending(this.prefix, queueId, now, ...rids);
   }
 
   /** Makes every scheduled retry due now; returns how many were waiting. */

@@ -26,6 +26,26 @@ local DISPATCHED = P .. "dispatched"
 -- the MAIL_DELIVER stream sequence of the request each DISPATCHED entry waits on (same member ids)
 local DSEQ = P .. "dseq"
 
+-- operator holds (mailctl queue hold): rules "all", "d:<domain>", "m:<queue id>"; held retry jobs
+-- wait in HELD (score: when they were due) instead of DUE until released
+local HOLDS = P .. "holds"
+local HELD = P .. "held"
+
+-- whether a retry job is held by a rule in force (a job the operator marked, or one granted a
+-- destination slot, is not: it goes out, so no slot is kept by a held job)
+local function is_held(jk)
+  if redis.call("EXISTS", HOLDS) == 0 then return false end
+  local f = redis.call("HMGET", jk, "queueId", "recipient", "mark", "slot")
+  if f[3] or f[4] then return false end
+  if redis.call("HEXISTS", HOLDS, "all") == 1 then return true end
+  if f[1] and redis.call("HEXISTS", HOLDS, "m:" .. f[1]) == 1 then return true end
+  if f[2] then
+    local ok, r = pcall(cjson.decode, f[2])
+    if ok and r.domain and redis.call("HEXISTS", HOLDS, "d:" .. string.lower(r.domain)) == 1 then return true end
+  end
+  return false
+end
+
 local function undispatch(id)
   redis.call("ZREM", DISPATCHED, id)
   redis.call("HDEL", DSEQ, id)
@@ -232,11 +252,16 @@ local until_ = tonumber(now) + tonumber(ARGV[4])
 local out = {}
 for _, set in ipairs({TASKS, DUE}) do
   if left <= 0 then break end
-  local ids = redis.call("ZRANGEBYSCORE", set, "-inf", now, "LIMIT", 0, left)
-  for _, id in ipairs(ids) do
+  local ids = redis.call("ZRANGEBYSCORE", set, "-inf", now, "LIMIT", 0, left, "WITHSCORES")
+  for i = 1, #ids, 2 do
+    local id = ids[i]
     redis.call("ZREM", set, id)
     local jk = jkey(id)
-    if redis.call("EXISTS", jk) == 1 then
+    if set == DUE and is_held(jk) then
+      -- on hold: kept aside, not dispatched, until released
+      redis.call("ZADD", HELD, ids[i + 1], id)
+      redis.call("HSET", jk, "held", "1")
+    elseif redis.call("EXISTS", jk) == 1 then
       local token = tostring(redis.call("INCR", P .. "seq"))
       redis.call("HSET", jk, "lease", token)
       redis.call("ZADD", LEASE, until_, id)
@@ -443,6 +468,9 @@ if redis.call("ZSCORE", LEASE, id) then return "in-flight" end
 local site = redis.call("HGET", jk, "site")
 if site then redis.call("ZREM", P .. "site:" .. site .. ":wait", id) end
 redis.call("HSET", jk, "mark", ARGV[3])
+-- a held recipient is acted on too: the operator asked for this one
+redis.call("ZREM", HELD, id)
+redis.call("HDEL", jk, "held")
 redis.call("ZADD", DUE, ARGV[4], id)
 return "marked"
 `;
@@ -452,4 +480,74 @@ export const FLUSH = `${COMMON}
 local ids = redis.call("ZRANGEBYSCORE", DUE, "(" .. ARGV[2], "+inf")
 for _, id in ipairs(ids) do redis.call("ZADD", DUE, "XX", ARGV[2], id) end
 return #ids
+`;
+
+/**
+ * ARGV: prefix, rule ("all" | "d:<domain>" | "m:<queue id>"), now. Puts the rule in force and moves
+ * the scheduled retries it holds from DUE to HELD at once (the others are held when they come due).
+ * Returns how many moved.
+ */
+export const HOLD = `${COMMON}
+redis.call("HSET", HOLDS, ARGV[2], ARGV[3])
+local n = 0
+local ids = redis.call("ZRANGE", DUE, 0, -1, "WITHSCORES")
+for i = 1, #ids, 2 do
+  local jk = jkey(ids[i])
+  if is_held(jk) then
+    redis.call("ZREM", DUE, ids[i])
+    redis.call("ZADD", HELD, ids[i + 1], ids[i])
+    redis.call("HSET", jk, "held", "1")
+    n = n + 1
+  end
+end
+return n
+`;
+
+/**
+ * ARGV: prefix, rule, now. Ends the rule, and puts back in the schedule every held retry no other
+ * rule still holds: due when it was due, or now when that time has passed. Returns how many.
+ */
+export const RELEASE_HOLD = `${COMMON}
+redis.call("HDEL", HOLDS, ARGV[2])
+local now = tonumber(ARGV[3])
+local n = 0
+local ids = redis.call("ZRANGE", HELD, 0, -1, "WITHSCORES")
+for i = 1, #ids, 2 do
+  local id = ids[i]
+  local jk = jkey(id)
+  if redis.call("EXISTS", jk) == 0 then
+    redis.call("ZREM", HELD, id)
+  elseif not is_held(jk) then
+    redis.call("ZREM", HELD, id)
+    redis.call("HDEL", jk, "held")
+    redis.call("ZADD", DUE, math.max(now, tonumber(ids[i + 1])) == now and ARGV[3] or ids[i + 1], id)
+    n = n + 1
+  end
+end
+return n
+`;
+
+/**
+ * First attempts to a held destination (or while everything is held). ARGV: prefix, queueId, now,
+ * rid1, rid2, ... Recipients still pending with no job of their own become held retry jobs on their
+ * first attempt. Returns how many.
+ */
+export const HOLD_PENDING = `${COMMON}
+local q, now = ARGV[2], ARGV[3]
+local mk, rk = mkey(q), rkey(q)
+if redis.call("EXISTS", mk) == 0 then return 0 end
+local received, tp = redis.call("HGET", mk, "receivedAt"), redis.call("HGET", mk, "traceparent") or ""
+local n = 0
+for i = 4, #ARGV do
+  local id = q .. ":" .. ARGV[i]
+  local raw = redis.call("HGET", rk, ARGV[i])
+  if raw and redis.call("EXISTS", jkey(id)) == 0 and cjson.decode(raw).state == "pending" then
+    redis.call("HSET", jkey(id), "kind", "retry", "queueId", q, "rid", ARGV[i], "recipient", raw,
+      "receivedAt", received, "traceparent", tp, "held", "1")
+    redis.call("ZADD", HELD, now, id)
+    undispatch(id)
+    n = n + 1
+  end
+end
+return n
 `;

@@ -184,6 +184,8 @@ export interface ScheduledEntry {
   lastReply?: Reply;
   receivedAt: string;
   mark?: "bounce" | "drop";
+  /** kept aside by `mailctl queue hold`: not dispatched until released */
+  held?: boolean;
 }
 
 export interface QueueStats {

@@ -5,6 +5,7 @@ import type { MailQueue } from "@mailpipe/queue";
 import type { Telemetry } from "@mailpipe/telemetry";
 import type { Admission } from "./admission.ts";
 import type { Config } from "./config.ts";
+import type { HoldCache } from "./holds.ts";
 import type { RouterMetrics } from "./metrics.ts";
 import type { RetryPolicy } from "./retry-policy.ts";
 
@@ -22,5 +23,7 @@ export interface RouterContext {
   policy: RetryPolicy;
   /** destination slots and wait lists (cluster-wide destination limits) */
   admission: Admission;
+  /** operator holds, for new messages' first attempts */
+  holds: HoldCache;
   now: () => number;
 }

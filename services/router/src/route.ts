@@ -118,7 +118,27 @@ export function createRouteHandler(ctx: RouterContext) {
         }
         if (!firstTime) log.info("message routed before (redelivery): resuming");
 
-        const waiting = stored.recipients.filter((r) => r.state === "pending" && r.attempt === 1);
+        const pending = stored.recipients.filter((r) => r.state === "pending" && r.attempt === 1);
+        // held by the operator (mailctl queue hold): kept in the schedule, not dispatched
+        const domainOf = (r: RecipientRecord) => r.domain ?? r.address.slice(r.address.lastIndexOf("@") + 1);
+        const held = pending.filter((r) => ctx.holds.held(mail.queueId, domainOf(r)));
+        if (held.length > 0) {
+          const n = await ctx.queue.holdPending(
+            mail.queueId,
+            held.map((r) => r.rid),
+            ctx.now(),
+          );
+          if (n > 0) {
+            ctx.bus.emit({
+              type: "held",
+              queueId: mail.queueId,
+              recipients: held.map((r) => r.address),
+              detail: "on hold (mailctl queue release lets it go)",
+            });
+          }
+        }
+        const heldIds = new Set(held.map((r) => r.rid));
+        const waiting = pending.filter((r) => !heldIds.has(r.rid));
         const local = waiting.filter((r) => r.kind === "local");
         const remote = groupBy(
           waiting.filter((r) => r.kind === "remote" && r.domain),

@@ -8,6 +8,7 @@ import type { Redis } from "ioredis";
 import { type Admission, createAdmission } from "./admission.ts";
 import type { Config } from "./config.ts";
 import type { RouterContext } from "./deps.ts";
+import { createHoldCache } from "./holds.ts";
 import { routerMetrics } from "./metrics.ts";
 import { createRouteHandler } from "./route.ts";
 import { type Scheduler, startScheduler } from "./scheduler.ts";
@@ -53,7 +54,9 @@ export async function startRouter(opts: RouterOptions): Promise<Router> {
     },
     now: opts.now ?? Date.now,
   };
-  const ctx: RouterContext = { ...base, admission: createAdmission(base, opts.redis) };
+  const holds = createHoldCache(queue, telemetry.log);
+  await holds.start();
+  const ctx: RouterContext = { ...base, holds, admission: createAdmission({ ...base, holds }, opts.redis) };
   const consumeOpts = { maxInFlight: config.ROUTER_CONCURRENCY };
   const route = createRouteHandler(ctx);
   const queued = await bus.consume("router", QueuedMail, route, consumeOpts);
@@ -82,6 +85,7 @@ export async function startRouter(opts: RouterOptions): Promise<Router> {
         scheduler.stop(),
         ctx.admission.stop(),
       ]);
+      holds.stop();
     },
   };
 }
