@@ -184,7 +184,9 @@ export class Bus {
 
   /** Creates or updates the streams and the body bucket (idempotent; every service runs it at start). */
   async ensureTopology(streams: StreamKey[] = Object.keys(topology.streams) as StreamKey[]): Promise<void> {
-    for (const key of streams) await ensureStream(this.jsm, key, this.settings);
+    for (const key of streams) {
+      for (const note of await ensureStream(this.jsm, key, this.settings)) this.#telemetry.log.warn(note);
+    }
     await this.bodies();
   }
 
@@ -203,6 +205,7 @@ export class Bus {
     this.#bodies ??= await BodyStore.open(this.js, this.jsm, topology.bodyBucket, {
       ttlMs: this.settings.bodyTtlMs,
       replicas: this.settings.replicas,
+      warn: (note) => this.#telemetry.log.warn(note),
     });
     return this.#bodies;
   }
@@ -328,6 +331,7 @@ export class Bus {
     const { stream, durable } = await ensureConsumer(this.jsm, key, {
       ackWaitMs,
       maxAckPending: opts.maxAckPending ?? Math.max(1000, maxInFlight * 16),
+      replicas: this.settings.replicas,
     });
     const consumer = await this.js.consumers.get(stream, durable);
     this.#consumers.set(durable, consumer);
