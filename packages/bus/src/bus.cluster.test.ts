@@ -3,7 +3,7 @@
 import { Writable } from "node:stream";
 import { type ConsumerKey, LocalDeliveryRequest, topology } from "@mailpipe/contracts";
 import { createTelemetry } from "@mailpipe/telemetry";
-import { type NatsClusterHandle, startNatsCluster } from "@mailpipe/testing";
+import { type NatsClusterHandle, startNatsCluster, waitFor } from "@mailpipe/testing";
 import type { JetStreamManager } from "@nats-io/jetstream";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { Bus } from "./index.ts";
@@ -60,6 +60,21 @@ async function consumerReplicas(jsm: JetStreamManager, key: ConsumerKey) {
   };
 }
 
+/** the replicas once every peer is placed (a new one shows in the info a moment after create or update) */
+async function onThreePeers(what: string, read: () => Promise<{ config: number; peers: number }>) {
+  try {
+    return await waitFor(
+      async () => {
+        const r = await read();
+        return r.peers === 3 ? r : false;
+      },
+      { timeoutMs: 30_000, intervalMs: 200 },
+    );
+  } catch {
+    return { what, ...(await read()) }; // fails the comparison, naming what
+  }
+}
+
 async function deleteAll(jsm: JetStreamManager): Promise<void> {
   for (const s of [...Object.values(topology.streams).map((d) => d.name), BUCKET_STREAM]) {
     await jsm.streams.delete(s).catch(() => {});
@@ -82,10 +97,16 @@ describe("JS_REPLICAS on a 3-node cluster", () => {
     const streams = [...Object.values(topology.streams).map((d) => d.name), BUCKET_STREAM];
     expect(streams).toContain("MAIL_SPOOL");
     for (const name of streams) {
-      expect({ name, ...(await streamReplicas(bus.jsm, name)) }).toEqual({ name, config: 3, peers: 3 });
+      expect(await onThreePeers(`stream ${name}`, () => streamReplicas(bus.jsm, name))).toEqual({
+        config: 3,
+        peers: 3,
+      });
     }
     for (const key of CONSUMERS) {
-      expect({ key, ...(await consumerReplicas(bus.jsm, key)) }).toEqual({ key, config: 3, peers: 3 });
+      expect(await onThreePeers(`consumer ${key}`, () => consumerReplicas(bus.jsm, key))).toEqual({
+        config: 3,
+        peers: 3,
+      });
     }
   }, 60_000);
 
@@ -103,10 +124,16 @@ describe("JS_REPLICAS on a 3-node cluster", () => {
     await bus.ensureTopology();
     await bindAll(bus);
     for (const name of [...Object.values(topology.streams).map((d) => d.name), BUCKET_STREAM]) {
-      expect({ name, ...(await streamReplicas(bus.jsm, name)) }).toEqual({ name, config: 3, peers: 3 });
+      expect(await onThreePeers(`stream ${name}`, () => streamReplicas(bus.jsm, name))).toEqual({
+        config: 3,
+        peers: 3,
+      });
     }
     for (const key of CONSUMERS) {
-      expect({ key, ...(await consumerReplicas(bus.jsm, key)) }).toEqual({ key, config: 3, peers: 3 });
+      expect(await onThreePeers(`consumer ${key}`, () => consumerReplicas(bus.jsm, key))).toEqual({
+        config: 3,
+        peers: 3,
+      });
     }
     expect((await (await bus.bodies()).readBuffer(ref)).toString()).toBe(
       "a body stored while the bucket had one replica",
@@ -120,8 +147,14 @@ describe("JS_REPLICAS on a 3-node cluster", () => {
     const warnings: string[] = [];
     const low = await connect(1, warnings);
     await low.ensureTopology();
-    expect(await streamReplicas(low.jsm, "MAIL_SPOOL")).toEqual({ config: 3, peers: 3 });
-    expect(await streamReplicas(low.jsm, BUCKET_STREAM)).toEqual({ config: 3, peers: 3 });
+    expect(await onThreePeers("MAIL_SPOOL", () => streamReplicas(low.jsm, "MAIL_SPOOL"))).toEqual({
+      config: 3,
+      peers: 3,
+    });
+    expect(await onThreePeers(BUCKET_STREAM, () => streamReplicas(low.jsm, BUCKET_STREAM))).toEqual({
+      config: 3,
+      peers: 3,
+    });
     expect(warnings).toContain(
       "stream MAIL_SPOOL has 3 replicas and JS_REPLICAS is 1: kept at 3; set JS_REPLICAS=3 on every service, " +
         "or lower the stream yourself (nats stream edit MAIL_SPOOL --replicas 1)",
