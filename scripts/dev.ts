@@ -5,7 +5,8 @@
 // Ctrl-C, SIGTERM or closing the terminal (SIGHUP) stops everything; a supervisor killed outright
 // takes its children with it, and the next start stops any it finds left (scripts/dev-lifecycle.ts).
 // Variables set in the environment reach the services and win over the defaults below
-// (`MAILDIR_ROOT=/tmp/mail npm start`).
+// (`MAILDIR_ROOT=/tmp/mail npm start`). `npm start -- --nats-cluster 3 --scale delivery=3,mx=2`
+// runs a JetStream cluster and several processes per service (scripts/dev-scale.ts).
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync } from "node:fs";
 import { appendFile, mkdir, readFile, writeFile } from "node:fs/promises";
@@ -23,6 +24,16 @@ import {
   stopStale,
   withParentDeathSignal,
 } from "./dev-lifecycle.ts";
+import {
+  httpPort,
+  instances,
+  natsNodeConfig,
+  natsNodes,
+  parseStartArgs,
+  SERVICE_NAMES,
+  type StartPlan,
+  UsageError,
+} from "./dev-scale.ts";
 
 const root = fileURLToPath(new URL("..", import.meta.url));
 const env = process.env;
@@ -47,9 +58,19 @@ const color = process.stdout.isTTY
   : (_c: number, s: string) => s;
 const say = (msg: string) => process.stdout.write(`${color(36, "[mailpipe]")} ${msg}\n`);
 
-const ORDER = ["router", "mda", "delivery", "mx", "msa"] as const;
+const ORDER = SERVICE_NAMES;
 type Name = (typeof ORDER)[number];
 const services = ORDER.filter((n) => existsSync(join(root, "services", n, "src", "main.ts")));
+let plan: StartPlan;
+try {
+  plan = parseStartArgs(process.argv.slice(2));
+} catch (err) {
+  if (!(err instanceof UsageError)) throw err;
+  process.stderr.write(`${err.message}\n`);
+  process.exit(64); // EX_USAGE
+}
+const processes = instances(plan, services);
+const serviceProcs = new Set(processes.map((p) => p.name));
 
 interface Proc {
   name: string;
@@ -140,7 +161,7 @@ async function stopAll(code = 0): Promise<never> {
   if (!stopping) {
     stopping = true;
     say("stopping…");
-    const svc = [...procs.values()].filter((p) => (services as readonly string[]).includes(p.name));
+    const svc = [...procs.values()].filter((p) => serviceProcs.has(p.name));
     const infra = [...procs.values()].filter((p) => !svc.includes(p));
     const stop = async (p: Proc) => {
       if (p.child.exitCode !== null) return;
@@ -204,10 +225,26 @@ async function main(): Promise<void> {
 
   // Every port this start needs, checked before anything starts: a taken one is named with the
   // process that holds it and the variable that moves it.
-  const httpPortOf = (name: Name, i: number) =>
-    Number(env[`${name.toUpperCase()}_HTTP_PORT`] ?? ports.http + i + 1);
+  // <SERVICE>_HTTP_PORT moves the first process of a service; its replicas follow DEV_HTTP_PORT_BASE
+  const httpPortOf = (name: Name, replica: number) =>
+    replica === 0 && env[`${name.toUpperCase()}_HTTP_PORT`]
+      ? Number(env[`${name.toUpperCase()}_HTTP_PORT`])
+      : httpPort(ports.http, services.indexOf(name), replica);
+  const nodes = plan.natsNodes > 1 ? natsNodes(plan.natsNodes, ports.nats) : [];
+  const edge = (replica: number) => ({
+    mx: ports.mx + replica,
+    submission: ports.submission + replica,
+    submissions: ports.submissions + replica,
+  });
   const portUses: PortUse[] = [
-    ...(env.NATS_URL ? [] : [{ port: ports.nats, what: "NATS", setting: "DEV_NATS_PORT or NATS_URL" }]),
+    ...(env.NATS_URL
+      ? []
+      : nodes.length
+        ? nodes.flatMap((n) => [
+            { port: n.port, what: `NATS ${n.name}`, setting: "DEV_NATS_PORT or NATS_URL" },
+            { port: n.clusterPort, what: `NATS ${n.name} routes`, setting: "DEV_NATS_PORT or NATS_URL" },
+          ])
+        : [{ port: ports.nats, what: "NATS", setting: "DEV_NATS_PORT or NATS_URL" }]),
     ...(env.REDIS_URL ? [] : [{ port: ports.redis, what: "Redis", setting: "DEV_REDIS_PORT or REDIS_URL" }]),
     ...(env.DNS_SERVERS !== undefined
       ? []
@@ -217,23 +254,47 @@ async function main(): Promise<void> {
           setting: "DEV_DNS_PORT or DNS_SERVERS",
           protocol,
         }))),
-    ...(services.includes("mx") ? [{ port: ports.mx, what: "mx SMTP", setting: "MX_PORT" }] : []),
-    ...(services.includes("msa")
-      ? [
-          { port: ports.submission, what: "msa submission", setting: "MSA_SUBMISSION_PORT" },
-          { port: ports.submissions, what: "msa submissions", setting: "MSA_SUBMISSIONS_PORT" },
-        ]
-      : []),
-    ...services.map((name, i) => ({
-      port: httpPortOf(name, i),
-      what: `${name} health and metrics`,
-      setting: `${name.toUpperCase()}_HTTP_PORT or DEV_HTTP_PORT_BASE`,
+    ...processes.flatMap((p) =>
+      p.service === "mx"
+        ? [{ port: edge(p.replica).mx, what: `${p.name} SMTP`, setting: "MX_PORT" }]
+        : p.service === "msa"
+          ? [
+              {
+                port: edge(p.replica).submission,
+                what: `${p.name} submission`,
+                setting: "MSA_SUBMISSION_PORT",
+              },
+              {
+                port: edge(p.replica).submissions,
+                what: `${p.name} submissions`,
+                setting: "MSA_SUBMISSIONS_PORT",
+              },
+            ]
+          : [],
+    ),
+    ...processes.map((p) => ({
+      port: httpPortOf(p.service, p.replica),
+      what: `${p.name} health and metrics`,
+      setting: `${p.service.toUpperCase()}_HTTP_PORT or DEV_HTTP_PORT_BASE`,
     })),
   ];
   await ensurePortsFree(portUses, host);
 
   // NATS and Redis, unless the environment points at running ones.
   let natsUrl = env.NATS_URL;
+  if (!natsUrl && nodes.length) {
+    // a store of its own: a single server's store cannot join a cluster as it is
+    const dir = join(dataDir, "nats-cluster");
+    for (const n of nodes) {
+      const store = join(dir, n.name);
+      await mkdir(store, { recursive: true });
+      const conf = join(dir, `${n.name}.conf`);
+      await writeFile(conf, natsNodeConfig(n, nodes, host, store));
+      launch(`nats-${n.name}`, "nats-server", ["-c", conf], env, true);
+    }
+    for (const n of nodes) await waitPort(n.port, 10_000);
+    natsUrl = nodes.map((n) => `nats://${host}:${n.port}`).join(",");
+  }
   if (!natsUrl) {
     const store = join(dataDir, "nats");
     await mkdir(store, { recursive: true });
@@ -284,18 +345,21 @@ async function main(): Promise<void> {
   }
 
   const maildirRoot = env.MAILDIR_ROOT ?? join(dataDir, "mail");
-  const serviceEnv = (name: Name, i: number): NodeJS.ProcessEnv => ({
+  const serviceEnv = (name: Name, replica: number): NodeJS.ProcessEnv => ({
     MAIL_HOSTNAME: "mail.example.test",
     LOG_LEVEL: "info",
     HTTP_HOST: host,
     MX_HOST: host,
     MSA_HOST: host,
-    MX_PORT: String(ports.mx),
-    MSA_SUBMISSION_PORT: String(ports.submission),
-    MSA_SUBMISSIONS_PORT: String(ports.submissions),
     MAILDIR_ROOT: maildirRoot,
     SMTP_BLOCK_LOCAL_ADDRESSES: "false",
+    // every stream, consumer and the body bucket on 3 of the cluster's nodes
+    ...(nodes.length ? { JS_REPLICAS: String(Math.min(3, nodes.length)) } : {}),
     ...env,
+    // consecutive ports for replicas of mx and msa (MX_PORT and the like move the first)
+    MX_PORT: String(edge(replica).mx),
+    MSA_SUBMISSION_PORT: String(edge(replica).submission),
+    MSA_SUBMISSIONS_PORT: String(edge(replica).submissions),
     // these are set by npm start itself
     NATS_URL: natsUrl,
     REDIS_URL: redisUrl,
@@ -303,18 +367,19 @@ async function main(): Promise<void> {
     DIRECTORY_FILE: directoryFile,
     TLS_CERT_FILE: certFile,
     TLS_KEY_FILE: keyFile,
-    HTTP_PORT: String(httpPortOf(name, i)),
+    HTTP_PORT: String(httpPortOf(name, replica)),
   });
-  const httpPorts = new Map<Name, number>();
-  services.forEach((name, i) => {
-    const e = serviceEnv(name, i);
-    httpPorts.set(name, Number(e.HTTP_PORT));
-    launch(name, process.execPath, [join(root, "services", name, "src", "main.ts")], e);
-  });
+  const httpPorts = new Map<string, number>();
+  for (const p of processes) {
+    const e = serviceEnv(p.service, p.replica);
+    httpPorts.set(p.name, Number(e.HTTP_PORT));
+    launch(p.name, process.execPath, [join(root, "services", p.service, "src", "main.ts")], e);
+  }
 
   // Ready when every /readyz answers 200.
-  const deadline = Date.now() + 60_000;
-  for (const name of services) {
+  const readyWithinS = processes.length > services.length || nodes.length ? 120 : 60;
+  const deadline = Date.now() + readyWithinS * 1000;
+  for (const { name } of processes) {
     for (;;) {
       const ok = await fetch(`http://${host}:${httpPorts.get(name)}/readyz`)
         .then((r) => r.status === 200)
@@ -324,7 +389,7 @@ async function main(): Promise<void> {
         say(
           color(
             31,
-            `${name} did not become ready within 60 s; see ${rel(join(dataDir, "logs", `${name}.log`))}`,
+            `${name} did not become ready within ${readyWithinS} s; see ${rel(join(dataDir, "logs", `${name}.log`))}`,
           ),
         );
         await stopAll(1);
@@ -337,14 +402,22 @@ async function main(): Promise<void> {
     "",
     color(32, "mailpipe is running on loopback (development mode)."),
     "",
-    ...(services.includes("mx") ? [`  mx   inbound SMTP            ${host}:${ports.mx} (STARTTLS)`] : []),
-    ...(services.includes("msa")
+    ...processes
+      .filter((p) => p.service === "mx")
+      .map((p) => `  ${p.name.padEnd(4)} inbound SMTP            ${host}:${edge(p.replica).mx} (STARTTLS)`),
+    ...processes
+      .filter((p) => p.service === "msa")
+      .map(
+        (p) =>
+          `  ${p.name.padEnd(4)} submission              ${host}:${edge(p.replica).submission} (STARTTLS + AUTH), ${host}:${edge(p.replica).submissions} (TLS + AUTH)`,
+      ),
+    `  NATS ${natsUrl}   Redis ${redisUrl}   DNS ${dnsServers || "(system)"}${dnsNote}`,
+    ...(nodes.length
       ? [
-          `  msa  submission              ${host}:${ports.submission} (STARTTLS + AUTH), ${host}:${ports.submissions} (TLS + AUTH)`,
+          `  NATS cluster                 ${nodes.length} nodes (${nodes.map((n) => n.name).join(", ")}), streams with ${Math.min(3, nodes.length)} replicas; store ${rel(join(dataDir, "nats-cluster"))}`,
         ]
       : []),
-    `  NATS ${natsUrl}   Redis ${redisUrl}   DNS ${dnsServers || "(system)"}${dnsNote}`,
-    `  health and metrics           ${services.map((n) => `${n} http://${host}:${httpPorts.get(n)}/metrics`).join(", ")}`,
+    `  health and metrics           ${processes.map((p) => `${p.name} http://${host}:${httpPorts.get(p.name)}/metrics`).join(", ")}`,
     `  data                         ${rel(dataDir)} (JetStream store, Redis, mail, logs)`,
     "",
     "  Development users (DEVELOPMENT ONLY, the passwords are public):",

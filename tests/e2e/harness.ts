@@ -8,12 +8,14 @@ import {
   type DnsRecords,
   type DnsServerHandle,
   freePort,
+  type NatsClusterHandle,
   type NatsHandle,
   type OtlpReceiver,
   type ServerHandle,
   type ServiceHandle,
   startDnsServer,
   startNats,
+  startNatsCluster,
   startOtlpReceiver,
   startRedis,
   startService,
@@ -39,11 +41,17 @@ export interface PipelineOptions {
   natsMonitor?: boolean;
   /** Redis's AOF fsync policy (default everysec; production manifests run always) */
   redisAppendfsync?: "always" | "everysec";
+  /** a 3-node NATS cluster (every service gets all three URLs and JS_REPLICAS=3) instead of one server */
+  natsCluster?: boolean;
 }
 
 export interface Pipeline {
   dir: TempDir;
+  /** the single nats-server (not with `natsCluster`: use `cluster`) */
   nats: NatsHandle;
+  cluster: NatsClusterHandle | undefined;
+  /** what the services' NATS_URL is */
+  natsUrl: string;
   redis: ServerHandle;
   dns: DnsServerHandle;
   otlp: OtlpReceiver | undefined;
@@ -63,10 +71,12 @@ export interface Pipeline {
 
 export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
   const dir = await tempDir("mailpipe-e2e");
-  const [nats, redis] = await Promise.all([
-    startNats({ monitor: opts.natsMonitor ?? false }),
+  const [single, cluster, redis] = await Promise.all([
+    opts.natsCluster ? undefined : startNats({ monitor: opts.natsMonitor ?? false }),
+    opts.natsCluster ? startNatsCluster() : undefined,
     startRedis({ appendfsync: opts.redisAppendfsync ?? "everysec" }),
   ]);
+  const natsUrl = cluster ? cluster.url : single!.url;
   const dns = await startDnsServer({ records: opts.dns ?? {} });
   const otlp = opts.tracing ? await startOtlpReceiver() : undefined;
   const keyDir = join(dir.path, "dkim");
@@ -83,7 +93,8 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
     remoteSmtp: await freePort("127.0.0.2"),
   };
   const env: Record<string, string> = {
-    NATS_URL: nats.url,
+    NATS_URL: natsUrl,
+    ...(cluster ? { JS_REPLICAS: "3" } : {}),
     REDIS_URL: redis.url,
     DNS_SERVERS: dns.address,
     DIRECTORY_FILE: directoryFile,
@@ -106,7 +117,12 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
   const services = new Map<string, ServiceHandle>();
   const pipeline: Pipeline = {
     dir,
-    nats,
+    get nats(): NatsHandle {
+      if (!single) throw new Error("this pipeline runs a NATS cluster: use pipeline.cluster");
+      return single;
+    },
+    cluster,
+    natsUrl,
     redis,
     dns,
     otlp,
@@ -159,7 +175,7 @@ export async function startPipeline(opts: PipelineOptions): Promise<Pipeline> {
     },
     async stop() {
       await Promise.all([...services.values()].map((s) => s.stop("SIGTERM", 15_000).catch(() => s.kill())));
-      await Promise.all([nats.stop(), redis.stop(), dns.stop(), otlp?.stop()]);
+      await Promise.all([single?.stop(), cluster?.stop(), redis.stop(), dns.stop(), otlp?.stop()]);
       await dir.remove();
     },
   };

@@ -7,6 +7,7 @@ import { type ObjectStore, Objm } from "@nats-io/obj";
 import { nanos, headers as natsHeaders } from "@nats-io/transport-node";
 import { BodyIntegrityError, BodyNotFoundError, BusError } from "./errors.ts";
 import { splitPayload } from "./headers.ts";
+import { replicasHint } from "./topology.ts";
 
 function describe(ref: BodyRef): string {
   return isSpoolRef(ref) ? `${ref.stream}#${ref.seq}` : `${ref.bucket}/${ref.key}`;
@@ -75,15 +76,48 @@ export class BodyStore {
     this.#jsm = jsm;
   }
 
-  /** Opens the bucket, creating it (file storage, TTL) when missing. */
+  /**
+   * Opens the bucket, creating it (file storage, TTL, `replicas`) when missing. An existing bucket
+   * with fewer replicas is raised to `replicas` (its stream is updated; JetStream copies the data
+   * to the new peers); if JetStream refuses, opening fails with what to do. One with more is kept
+   * and `warn` says so: a replica with a lower JS_REPLICAS never takes copies away.
+   */
   static async open(
     js: JetStreamClient,
     jsm: JetStreamManager,
     bucket: string,
-    { ttlMs, replicas }: { ttlMs: number; replicas: number },
+    { ttlMs, replicas, warn }: { ttlMs: number; replicas: number; warn?: (note: string) => void },
   ): Promise<BodyStore> {
     const objm = new Objm(js);
-    const os = await objm.create(bucket, { storage: StorageType.File, ttl: nanos(ttlMs), replicas });
+    let os: ObjectStore;
+    try {
+      os = await objm.create(bucket, { storage: StorageType.File, ttl: nanos(ttlMs), replicas });
+    } catch (err) {
+      throw new BusError(
+        `creating the body bucket ${bucket} failed: ${(err as Error).message}${replicasHint(replicas)}`,
+        { cause: err },
+      );
+    }
+    const stream = `OBJ_${bucket}`;
+    const have = (await jsm.streams.info(stream)).config;
+    if (have.num_replicas < replicas) {
+      try {
+        await jsm.streams.update(stream, { ...have, num_replicas: replicas });
+      } catch (err) {
+        throw new BusError(
+          `the body bucket ${bucket} has ${have.num_replicas} replica(s) and JS_REPLICAS is ${replicas}; ` +
+            `raising it failed (${(err as Error).message}): once ${replicas} NATS nodes are up, run ` +
+            `\`nats stream edit ${stream} --replicas ${replicas}\` or restart this service, or set JS_REPLICAS=${have.num_replicas}`,
+          { cause: err },
+        );
+      }
+    } else if (have.num_replicas > replicas) {
+      warn?.(
+        `the body bucket ${bucket} has ${have.num_replicas} replicas and JS_REPLICAS is ${replicas}: kept at ` +
+          `${have.num_replicas}; set JS_REPLICAS=${have.num_replicas} on every service, or lower it yourself ` +
+          `(nats stream edit ${stream} --replicas ${replicas})`,
+      );
+    }
     return new BodyStore(bucket, os, js, jsm);
   }
 

@@ -26,7 +26,7 @@ import type { z } from "zod";
 import { BodyStore } from "./body-store.ts";
 import { BusConnectError, BusError, describeConnectError } from "./errors.ts";
 import { ATTACHMENT_OFFSET, natsHeaderGetter, natsHeaderSetter, splitPayload } from "./headers.ts";
-import { JsPublisher } from "./js-publisher.ts";
+import { JsPublisher, NoStreamError, PublishTimeoutError } from "./js-publisher.ts";
 import { defaultTopologySettings, ensureConsumer, ensureStream, type TopologySettings } from "./topology.ts";
 
 export interface BusOptions {
@@ -102,6 +102,29 @@ export interface PublishOptions {
   timeoutMs?: number;
   /** bytes that travel after the JSON in the same payload (a small message body) */
   attachment?: Uint8Array | readonly Uint8Array[];
+  /** stops retrying once aborted (the caller gave up: nothing may be published after that) */
+  signal?: AbortSignal;
+}
+
+/** a publish that got no answer is sent again after this long (same Nats-Msg-Id: stored once) */
+const PUBLISH_ATTEMPT_MS = 2000;
+/** pause before sending again after "no stream answers" or "temporarily unavailable" */
+const PUBLISH_RETRY_DELAY_MS = 200;
+/** JetStream's "JetStream system temporarily unavailable" (no leader for the stream yet) */
+const JS_TEMPORARILY_UNAVAILABLE = 10008;
+
+/**
+ * While a stream's leader moves (its node died) a publish gets no answer, "no responders" (503)
+ * or "temporarily unavailable"; while the client reconnects to another node it waits in the
+ * client's buffer. All of these pass within seconds, and the same Nats-Msg-Id makes a repeat
+ * store the message once, so these are sent again until the publish's time is up.
+ */
+function retryable(err: unknown): boolean {
+  return (
+    err instanceof NoStreamError ||
+    err instanceof PublishTimeoutError ||
+    (err instanceof JetStreamApiError && err.code === JS_TEMPORARILY_UNAVAILABLE)
+  );
 }
 
 /** The one way services talk to each other: validated messages over JetStream, bodies in the Object Store. */
@@ -167,6 +190,30 @@ export class Bus {
     return this.#connected && !this.nc.isClosed();
   }
 
+  readonly #reconnected = new Set<() => void>();
+
+  /**
+   * Resolves true once connected (at once if it is), false after `timeoutMs`: a client whose
+   * node went away reconnects to another one of the cluster within about a second.
+   */
+  async connectedWithin(timeoutMs: number): Promise<boolean> {
+    if (this.connected) return true;
+    if (this.nc.isClosed()) return false;
+    let done!: () => void;
+    const reconnected = new Promise<void>((resolve) => {
+      done = resolve;
+    });
+    this.#reconnected.add(done);
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      await Promise.race([reconnected, new Promise((r) => (timer = setTimeout(r, timeoutMs)))]);
+    } finally {
+      clearTimeout(timer);
+      this.#reconnected.delete(done);
+    }
+    return this.connected;
+  }
+
   async #watchStatus(): Promise<void> {
     const log = this.#telemetry.log;
     for await (const s of this.nc.status()) {
@@ -175,6 +222,7 @@ export class Bus {
         log.warn({ server: s.server }, "lost the NATS connection; reconnecting");
       } else if (s.type === "reconnect") {
         this.#connected = true;
+        for (const wake of this.#reconnected) wake();
         log.info({ server: s.server }, "reconnected to NATS");
       } else if (s.type === "error") {
         log.error({ err: s.error }, "NATS connection error");
@@ -184,7 +232,9 @@ export class Bus {
 
   /** Creates or updates the streams and the body bucket (idempotent; every service runs it at start). */
   async ensureTopology(streams: StreamKey[] = Object.keys(topology.streams) as StreamKey[]): Promise<void> {
-    for (const key of streams) await ensureStream(this.jsm, key, this.settings);
+    for (const key of streams) {
+      for (const note of await ensureStream(this.jsm, key, this.settings)) this.#telemetry.log.warn(note);
+    }
     await this.bodies();
   }
 
@@ -203,6 +253,7 @@ export class Bus {
     this.#bodies ??= await BodyStore.open(this.js, this.jsm, topology.bodyBucket, {
       ttlMs: this.settings.bodyTtlMs,
       replicas: this.settings.replicas,
+      warn: (note) => this.#telemetry.log.warn(note),
     });
     return this.#bodies;
   }
@@ -243,12 +294,21 @@ export class Bus {
     }
     try {
       h.set("Nats-Msg-Id", opts.msgId);
-      const ack = await this.#publisher.publish(
-        subject,
-        payload,
-        h,
-        opts.timeoutMs ?? this.#publishTimeoutMs,
-      );
+      const deadline = performance.now() + (opts.timeoutMs ?? this.#publishTimeoutMs);
+      let ack: PubAck;
+      for (let attempt = 1; ; attempt++) {
+        const left = deadline - performance.now();
+        try {
+          ack = await this.#publisher.publish(subject, payload, h, Math.min(left, PUBLISH_ATTEMPT_MS));
+          break;
+        } catch (err) {
+          const wait = err instanceof PublishTimeoutError ? 0 : PUBLISH_RETRY_DELAY_MS;
+          if (!retryable(err) || opts.signal?.aborted || deadline - performance.now() <= wait + 50) throw err;
+          span.setAttribute("messaging.nats.publish_attempts", attempt + 1);
+          if (wait) await new Promise((r) => setTimeout(r, wait));
+          if (opts.signal?.aborted) throw err;
+        }
+      }
       if (ack.duplicate) span.setAttribute("messaging.nats.duplicate", true);
       return ack;
     } catch (err) {
@@ -328,6 +388,7 @@ export class Bus {
     const { stream, durable } = await ensureConsumer(this.jsm, key, {
       ackWaitMs,
       maxAckPending: opts.maxAckPending ?? Math.max(1000, maxInFlight * 16),
+      replicas: this.settings.replicas,
     });
     const consumer = await this.js.consumers.get(stream, durable);
     this.#consumers.set(durable, consumer);

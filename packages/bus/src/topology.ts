@@ -59,12 +59,16 @@ function streamConfig(def: StreamDef, s: TopologySettings): Partial<StreamConfig
   };
 }
 
-/** Creates or updates one stream; safe to run from every replica at once. */
+/**
+ * Creates or updates one stream; safe to run from every replica at once. A stream with fewer
+ * replicas than `s.replicas` is raised to it (JetStream copies the data to the new peers); one
+ * with more is kept as it is, and the returned notes say so (for the log).
+ */
 export async function ensureStream(
   jsm: JetStreamManager,
   key: StreamKey,
   s: TopologySettings,
-): Promise<void> {
+): Promise<string[]> {
   const want = streamConfig(topology.streams[key], s);
   for (let round = 0; round < 3; round++) {
     let have: StreamConfig | null = null;
@@ -76,10 +80,13 @@ export async function ensureStream(
     if (!have) {
       try {
         await jsm.streams.add(want);
-        return;
+        return [];
       } catch (err) {
         if (isApiError(err, STREAM_NAME_IN_USE)) continue; // another replica won the race
-        throw new BusError(`creating stream ${want.name} failed: ${(err as Error).message}`, { cause: err });
+        throw new BusError(
+          `creating stream ${want.name} failed: ${(err as Error).message}${replicasHint(s.replicas)}`,
+          { cause: err },
+        );
       }
     }
     if (have.retention !== want.retention) {
@@ -88,31 +95,65 @@ export async function ensureStream(
           "it cannot be changed in place: drain it and delete it (nats stream rm) to let the services recreate it",
       );
     }
+    // Replicas only ever go up here: a replica started with a lower JS_REPLICAS (a default left
+    // in place) must not take a production stream's copies away. Lowering is the operator's call.
+    const replicas = Math.max(have.num_replicas, s.replicas);
+    const notes: string[] = [];
+    if (have.num_replicas > s.replicas) {
+      notes.push(
+        `stream ${want.name} has ${have.num_replicas} replicas and JS_REPLICAS is ${s.replicas}: ` +
+          `kept at ${have.num_replicas}; set JS_REPLICAS=${have.num_replicas} on every service, or lower the stream ` +
+          `yourself (nats stream edit ${want.name} --replicas ${s.replicas})`,
+      );
+    }
     const drift =
       JSON.stringify([...have.subjects].sort()) !== JSON.stringify([...(want.subjects ?? [])].sort()) ||
       have.max_age !== want.max_age ||
       have.duplicate_window !== want.duplicate_window ||
-      have.num_replicas !== want.num_replicas;
+      have.num_replicas !== replicas;
     if (drift) {
-      await jsm.streams.update(want.name, { ...have, ...want } as StreamConfig);
+      try {
+        await jsm.streams.update(want.name, { ...have, ...want, num_replicas: replicas } as StreamConfig);
+      } catch (err) {
+        throw new BusError(
+          `updating stream ${want.name} (replicas ${have.num_replicas} → ${replicas}) failed: ` +
+            `${(err as Error).message}${replicasHint(s.replicas)}`,
+          { cause: err },
+        );
+      }
     }
-    return;
+    return notes;
   }
+  return [];
+}
+
+/** What to do when JetStream refuses the replica count JS_REPLICAS asks for. */
+export function replicasHint(replicas: number): string {
+  return replicas > 1
+    ? `; JS_REPLICAS=${replicas} needs a JetStream cluster with at least ${replicas} nodes up: ` +
+        "start the nodes (or wait for them), or set JS_REPLICAS to the number of nodes"
+    : "";
 }
 
 export interface ConsumerSettings {
   ackWaitMs: number;
   maxAckPending: number;
+  /** consumer replicas (JS_REPLICAS); never more than the stream has */
+  replicas?: number;
 }
 
 /** Creates or updates a durable pull consumer from the design's table. */
 export async function ensureConsumer(
   jsm: JetStreamManager,
   key: ConsumerKey,
-  { ackWaitMs, maxAckPending }: ConsumerSettings,
+  { ackWaitMs, maxAckPending, replicas = 1 }: ConsumerSettings,
 ): Promise<{ stream: string; durable: string }> {
   const def = topology.consumers[key];
+  // a consumer cannot have more replicas than its stream (an old stream kept only to be drained)
+  const streamReplicas = (await jsm.streams.info(def.stream)).config.num_replicas;
+  const numReplicas = Math.min(replicas, streamReplicas);
   const config = {
+    num_replicas: numReplicas,
     durable_name: def.durable,
     ack_policy: AckPolicy.Explicit,
     deliver_policy: DeliverPolicy.All,
@@ -124,15 +165,19 @@ export async function ensureConsumer(
   try {
     const info = await jsm.consumers.info(def.stream, def.durable);
     const c = info.config;
+    // 0 means "as many as the stream" (consumers made before replicas were set explicitly)
+    const have = c.num_replicas || streamReplicas;
     if (
       c.ack_wait !== config.ack_wait ||
       c.max_ack_pending !== config.max_ack_pending ||
-      c.filter_subject !== config.filter_subject
+      c.filter_subject !== config.filter_subject ||
+      have < numReplicas
     ) {
       await jsm.consumers.update(def.stream, def.durable, {
         ack_wait: config.ack_wait,
         max_ack_pending: config.max_ack_pending,
         filter_subject: config.filter_subject,
+        ...(have < numReplicas ? { num_replicas: numReplicas } : {}),
       });
     }
   } catch (err) {

@@ -84,6 +84,11 @@ function within<T>(ms: number, work: Promise<T>, abandoned: AbortController): Pr
  * still running does not publish, and deletes the body it stored: the client's retry must not
  * become a second copy. (A publish already on its way when that happens cannot be called back.)
  */
+/** how long acceptance waits for a lost NATS connection to come back before answering 451 */
+const RECONNECT_WAIT_MS = 3000;
+/** how long the spool publish may take, retries included (a stream leader election takes seconds) */
+const PUBLISH_TIMEOUT_MS = 10_000;
+
 export async function acceptMessage(input: AcceptInput): Promise<Accepted> {
   const { bus, telemetry, queueId, envelope } = input;
   const { log, tracer } = telemetry;
@@ -95,7 +100,8 @@ export async function acceptMessage(input: AcceptInput): Promise<Accepted> {
   if (caller?.aborted) onCallerAbort();
   else caller?.addEventListener("abort", onCallerAbort, { once: true });
   try {
-    if (!bus.connected) throw new Error("not connected to NATS");
+    // a client whose NATS node went away reconnects to another within about a second
+    if (!(await bus.connectedWithin(RECONNECT_WAIT_MS))) throw new Error("not connected to NATS");
     const work = (async () => {
       if (abandoned.signal.aborted) throw new AcceptAbandoned("abandoned before it was stored");
       const parts = [prepend, ...input.chunks];
@@ -154,7 +160,13 @@ export async function acceptMessage(input: AcceptInput): Promise<Accepted> {
           ...(input.client ? { client: input.client } : {}),
           ...(input.messageId ? { messageId: input.messageId } : {}),
         },
-        { msgId: queueId, ...("attached" in body ? { attachment: parts } : {}) },
+        {
+          msgId: queueId,
+          ...("attached" in body ? { attachment: parts } : {}),
+          // retried while a stream leader moves (seconds); NATS gone for longer is a 451
+          timeoutMs: Math.min(input.timeoutMs ?? 30_000, PUBLISH_TIMEOUT_MS),
+          signal: abandoned.signal,
+        },
       );
       return body;
     })();

@@ -18,6 +18,12 @@ export {
   type StartDovecotOptions,
   startDovecot,
 } from "./dovecot.ts";
+export {
+  type NatsClusterHandle,
+  type NatsNodeHandle,
+  type StartNatsClusterOptions,
+  startNatsCluster,
+} from "./nats-cluster.ts";
 export { type OtlpReceiver, type ReceivedSpan, startOtlpReceiver } from "./otlp-receiver.ts";
 export {
   freePort,
