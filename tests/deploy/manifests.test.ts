@@ -58,6 +58,10 @@ const KUSTOMIZE_KINDS = [
   "kustomize.config.k8s.io/v1alpha1/Component",
 ];
 const SCALED_OBJECT = "keda.sh/v1alpha1/ScaledObject";
+const MONITORING_KINDS = [
+  "monitoring.coreos.com/v1/ServiceMonitor",
+  "monitoring.coreos.com/v1/PrometheusRule",
+];
 const typeOf = (o: { apiVersion?: unknown; kind?: unknown }) => `${String(o.apiVersion)}/${String(o.kind)}`;
 
 // ---------------------------------------------------------------------------------------------
@@ -298,6 +302,7 @@ describe("deploy/k8s files", () => {
         try {
           if (model) new model(doc as never).validate();
           else if (type === SCALED_OBJECT) checkScaledObject(doc as unknown as ScaledObject);
+          else if (MONITORING_KINDS.includes(type)) checkMonitoring(doc as unknown as K8s);
           else if (KUSTOMIZE_KINDS.includes(type)) continue;
           else if (rel === join("nats", "values.yaml")) checkNatsValues(doc);
           else throw new Error(`unknown kind ${type}`);
@@ -917,5 +922,219 @@ describe("deploy/Dockerfile", () => {
         (f.startsWith("packages/testing/") && f !== "packages/testing/package.json"),
     );
     expect(testSupport).toEqual([]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// monitoring: the optional Prometheus Operator component and the metric names it relies on
+
+/** The Prometheus Operator kinds have no model here: their required fields are checked by hand. */
+function checkMonitoring(o: K8s): void {
+  const spec = o.spec as Record<string, unknown> | undefined;
+  if (!isRecord(spec)) throw new Error("no spec");
+  if (o.kind === "ServiceMonitor") {
+    const sel = spec.selector as { matchLabels?: Record<string, string> } | undefined;
+    if (!sel?.matchLabels || Object.keys(sel.matchLabels).length === 0)
+      throw new Error("no selector.matchLabels");
+    const eps = spec.endpoints as { port?: string }[] | undefined;
+    if (!eps?.length || !eps.every((e) => typeof e.port === "string"))
+      throw new Error("endpoints need a port name");
+  } else {
+    for (const g of spec.groups as { name?: string; rules?: Record<string, unknown>[] }[]) {
+      if (!g.name || !g.rules?.length) throw new Error("a rule group needs a name and rules");
+      for (const r of g.rules) {
+        if (typeof r.alert !== "string" || typeof r.expr !== "string")
+          throw new Error("a rule needs alert and expr");
+      }
+    }
+  }
+}
+
+const monitoringDir = join(k8sDir, "components", "monitoring");
+const monitoringDocs = () => yamlFiles(monitoringDir).flatMap((f) => loadDocs(f) as K8s[]);
+
+/** Every metric a service registers, read from the source (metrics.counter|gauge|histogram("name"). */
+function registeredMetrics(): Map<string, { type: string; file: string }> {
+  const found = new Map<string, { type: string; file: string }>();
+  const walk = (dir: string): string[] =>
+    readdirSync(dir, { withFileTypes: true }).flatMap((e) =>
+      e.name === "node_modules" || e.name === "test" || e.name === "bench"
+        ? []
+        : e.isDirectory()
+          ? walk(join(dir, e.name))
+          : /\.ts$/.test(e.name) && !/\.test\.ts$/.test(e.name)
+            ? [join(dir, e.name)]
+            : [],
+    );
+  for (const file of [...walk(join(root, "services")), ...walk(join(root, "packages"))]) {
+    const text = readFileSync(file, "utf8");
+    for (const m of text.matchAll(/metrics\.(counter|gauge|histogram)(?:<[^>]*>)?\(\s*"([a-z0-9_]+)"/g)) {
+      found.set(`mailpipe_${m[2]}`, { type: m[1]!, file: relative(root, file) });
+    }
+  }
+  return found;
+}
+
+/** Names from exporters the component documents (kube-prometheus-stack), and Prometheus' own `up`. */
+const EXTERNAL_METRICS = new Set([
+  "up",
+  "kube_deployment_status_replicas_available",
+  "kube_deployment_spec_replicas",
+  "kubelet_volume_stats_used_bytes",
+  "kubelet_volume_stats_capacity_bytes",
+]);
+
+/** Metric names in a PromQL expression: identifiers that are not functions, keywords or label names. */
+function metricNames(expr: string): string[] {
+  const withoutStrings = expr
+    .replace(/"[^"]*"/g, '""')
+    .replace(/\{[^}]*\}/g, "{}")
+    .replace(/\[[^\]]*\]/g, "[]");
+  const words = withoutStrings.matchAll(/(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?/g);
+  const keywords = new Set([
+    "by",
+    "without",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "on",
+    "ignoring",
+    "bool",
+    "le",
+  ]);
+  const aggregations = /^(sum|min|max|avg|count|stddev|stdvar|topk|bottomk|quantile|count_values|group)$/;
+  const names: string[] = [];
+  for (const w of words) {
+    if (w[2] || keywords.has(w[1]!) || aggregations.test(w[1]!)) continue; // a function, keyword or aggregation
+    names.push(w[1]!);
+  }
+  // label names after by/without: drop them
+  const grouped = new Set(
+    [...withoutStrings.matchAll(/(?:by|without)\s*\(([^)]*)\)/g)].flatMap((m) =>
+      m[1]!.split(",").map((s) => s.trim()),
+    ),
+  );
+  return names.filter((n) => !grouped.has(n));
+}
+
+describe("monitoring component", () => {
+  const registered = registeredMetrics();
+
+  it("the services register metric names that follow Prometheus conventions", () => {
+    expect(registered.size).toBeGreaterThan(30);
+    const bad: string[] = [];
+    for (const [name, { type, file }] of registered) {
+      if (!/^mailpipe_[a-z][a-z0-9_]*$/.test(name))
+        bad.push(`${name} (${file}): snake_case with the mailpipe_ prefix`);
+      if (type === "counter" && !name.endsWith("_total"))
+        bad.push(`${name} (${file}): a counter ends in _total`);
+      if (type !== "counter" && name.endsWith("_total"))
+        bad.push(`${name} (${file}): only counters end in _total`);
+      if (/_(ms|milliseconds|kb|mb|minutes|hours)(_|$)/.test(name))
+        bad.push(`${name} (${file}): use base units (_seconds, _bytes)`);
+      if (type === "histogram" && !/_(seconds|bytes)$/.test(name))
+        bad.push(`${name} (${file}): a histogram names its unit`);
+    }
+    expect(bad).toEqual([]);
+  });
+
+  it("the README lists every metric the services register", () => {
+    const text = readFileSync(join(root, "README.md"), "utf8");
+    const missing = [...registered.keys()].filter((n) => !text.includes(`\`${n.replace(/^mailpipe_/, "")}`));
+    expect(missing).toEqual([]);
+  });
+
+  it("is a component of a ServiceMonitor per service, a PrometheusRule and a dashboard ConfigMap", () => {
+    const k = readKustomization(monitoringDir);
+    expect(k.kind).toBe("Component");
+    const docs = monitoringDocs();
+    const base = build(join(k8sDir, "base"));
+    const monitors = docs.filter((d) => d.kind === "ServiceMonitor");
+    expect(monitors.map((m) => m.metadata.name).sort()).toEqual([...SERVICES].sort());
+    for (const m of monitors) {
+      const spec = m.spec as {
+        selector: { matchLabels: Record<string, string> };
+        endpoints: { port: string }[];
+      };
+      // it selects exactly the service's metrics Service, and scrapes a port that Service has
+      const services = base.filter(
+        (o) =>
+          o.kind === "Service" &&
+          Object.entries(spec.selector.matchLabels).every(([key, v]) => o.metadata.labels?.[key] === v),
+      ) as (K8s & IService)[];
+      expect(
+        services.map((s) => s.metadata.name),
+        m.metadata.name,
+      ).toEqual([`${m.metadata.name}-metrics`]);
+      const ports = services[0]!.spec!.ports!.map((p) => p.name);
+      for (const ep of spec.endpoints) expect(ports).toContain(ep.port);
+    }
+    const rules = docs.filter((d) => d.kind === "PrometheusRule");
+    expect(rules).toHaveLength(1);
+    const dash = docs.find((d) => d.kind === "ConfigMap") as (K8s & IConfigMap) | undefined;
+    expect(dash?.metadata.labels?.grafana_dashboard).toBe("1");
+  });
+
+  it("every alert carries a summary and runbook text, and the alerts the issue asks for exist", () => {
+    const rules = monitoringDocs()
+      .filter((d) => d.kind === "PrometheusRule")
+      .flatMap(
+        (d) =>
+          (
+            d.spec as {
+              groups: { rules: { alert: string; expr: string; annotations?: Record<string, string> }[] }[];
+            }
+          ).groups,
+      )
+      .flatMap((g) => g.rules);
+    for (const r of rules) {
+      expect(r.annotations?.summary, r.alert).toBeTruthy();
+      expect(r.annotations?.runbook?.length ?? 0, r.alert).toBeGreaterThan(80);
+    }
+    const exprOf = (alert: string) => rules.find((r) => r.alert === alert)?.expr ?? "";
+    expect(exprOf("MailpipeQueueGrowing")).toContain("mailpipe_bus_consumer_pending");
+    expect(exprOf("MailpipeDeferralsHigh")).toContain('outcome="deferred"');
+    expect(exprOf("MailpipeBouncesSpiking")).toContain('outcome="bounced"');
+    expect(exprOf("MailpipeOldestRetryTooOld")).toContain("mailpipe_queue_oldest_age_seconds");
+    expect(exprOf("MailpipeServiceNotReady")).toContain("kube_deployment_status_replicas_available");
+    expect(exprOf("MailpipeBodyStoreNearlyFull")).toContain("kubelet_volume_stats_used_bytes");
+  });
+
+  it("every metric the rules and the dashboard read exists", () => {
+    const docs = monitoringDocs();
+    const exprs = [
+      ...docs
+        .filter((d) => d.kind === "PrometheusRule")
+        .flatMap((d) =>
+          (d.spec as { groups: { rules: { expr: string }[] }[] }).groups.flatMap((g) =>
+            g.rules.map((r) => r.expr),
+          ),
+        ),
+      ...docs
+        .filter((d) => d.kind === "ConfigMap")
+        .flatMap((d) => Object.values((d as IConfigMap).data ?? {}))
+        .flatMap((json) =>
+          (JSON.parse(json) as { panels: { targets: { expr: string }[] }[] }).panels.flatMap((p) =>
+            p.targets.map((t) => t.expr),
+          ),
+        ),
+    ];
+    expect(exprs.length).toBeGreaterThan(15);
+    const exists = (n: string) => {
+      if (EXTERNAL_METRICS.has(n) || registered.has(n)) return true;
+      const hist = n.match(/^(.*)_(bucket|sum|count)$/);
+      return hist !== null && registered.get(hist[1]!)?.type === "histogram";
+    };
+    const unknown = exprs.flatMap((e) =>
+      metricNames(e)
+        .filter((n) => !exists(n))
+        .map((n) => `${n} in ${e}`),
+    );
+    expect(unknown).toEqual([]);
+    // the name reader itself: it finds the names it must
+    expect(metricNames('sum by (le) (rate(mailpipe_message_final_seconds_bucket{x="y"}[5m]))')).toEqual([
+      "mailpipe_message_final_seconds_bucket",
+    ]);
   });
 });
