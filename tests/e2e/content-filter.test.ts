@@ -1,13 +1,17 @@
 // Content filtering end to end: a real rspamd (Debian's package, its own minimal configuration) in
 // front of mx and msa; mx → router → mda → Maildir, real processes, real SMTP.
+import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { createServer, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
+import { join } from "node:path";
+import { promisify } from "node:util";
 import {
   freePort,
   GTUBE,
   RSPAMD_TEST_TRIGGERS,
   type RspamdHandle,
+  repoRoot,
   startRspamd,
   waitFor,
 } from "@mailpipe/testing";
@@ -15,6 +19,7 @@ import nodemailer, { type TransportOptions } from "nodemailer";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { headersOf, type Pipeline, startPipeline } from "./harness.ts";
 
+const exec = promisify(execFile);
 let p: Pipeline;
 let rspamd: RspamdHandle;
 
@@ -108,6 +113,18 @@ describe("mx with rspamd", () => {
     expect(field(h, "X-Spam-Flag")).toEqual([]);
     // a header rspamd asked to add (milter_headers): it saw our queue id
     expect(field(h, "X-Rspamd-Queue-Id")).toEqual([queueId]);
+    // the verdict is in the message's timeline
+    const { stdout } = await exec(
+      "node",
+      [join(repoRoot, "packages/mailctl/src/main.ts"), "track", queueId!],
+      {
+        env: { ...process.env, NATS_URL: p.nats.url },
+      },
+    );
+    expect(stdout).toMatch(
+      / mx +filtered +alice@example\.test {2}rspamd: no action {2}score -?\d+\.\d\d\/15\.00/,
+    );
+    expect(stdout).toMatch(/ mx +queued /);
   });
 
   it("marks spam it delivers (add header), rewrites the subject, and drops forged X-Spam-* fields", async () => {

@@ -107,7 +107,7 @@ function splitFields(block: string): RawField[] {
   return out;
 }
 
-function removeFields(fields: RawField[], name: string, index: number): RawField[] {
+function removeFields<F extends RawField>(fields: F[], name: string, index: number): F[] {
   const lower = name.toLowerCase();
   const positions = fields.flatMap((f, i) => (f.name === lower ? [i] : []));
   let drop: number[];
@@ -151,17 +151,31 @@ export function applyVerdict(
   // rewrite: the header block of the message (copied once), our fields before it, the body untouched
   const block = headerBlock(input.chunks) ?? Buffer.alloc(0);
   const prepend = typeof input.prepend === "string" ? Buffer.from(input.prepend) : input.prepend;
-  let fields = [...splitFields(prepend.toString("latin1")), ...splitFields(block.toString("latin1"))];
+  const ourFields = splitFields(prepend.toString("latin1")).map((f) => ({ ...f, ours: true }));
+  let fields = [...ourFields, ...splitFields(block.toString("latin1")).map((f) => ({ ...f, ours: false }))];
   for (const r of removals) fields = removeFields(fields, r.name, r.index);
   if (subject !== undefined) {
     const value = encodeSubject(sanitizeReplyText(subject, "").slice(0, 900));
-    const field = { name: "subject", raw: Buffer.from(`Subject: ${value}\r\n`).toString("latin1") };
+    const field = {
+      name: "subject",
+      raw: Buffer.from(`Subject: ${value}\r\n`).toString("latin1"),
+      ours: false,
+    };
     const at = fields.findIndex((f) => f.name === "subject");
     fields = at >= 0 ? fields.map((f, i) => (i === at ? field : f)) : [...fields, field];
     fields = fields.filter((f, i) => f.name !== "subject" || i === (at >= 0 ? at : fields.length - 1));
   }
+  // ours (Received, Authentication-Results…) first, then what the filter adds, then the message's own
   const header = Buffer.from(
-    Buffer.from(added).toString("latin1") + fields.map((f) => f.raw).join(""),
+    fields
+      .filter((f) => f.ours)
+      .map((f) => f.raw)
+      .join("") +
+      Buffer.from(added).toString("latin1") +
+      fields
+        .filter((f) => !f.ours)
+        .map((f) => f.raw)
+        .join(""),
     "latin1",
   );
   return { prepend: header, chunks: bodyAfter(input.chunks, block.length) };

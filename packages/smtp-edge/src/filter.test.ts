@@ -1,0 +1,142 @@
+import { describe, expect, it } from "vitest";
+import { applyVerdict, sanitizeReplyText, spamHeaders } from "./filter.ts";
+import { parseAnswer, RspamdError, type RspamdVerdict } from "./rspamd.ts";
+
+const verdict = (over: Partial<RspamdVerdict> = {}): RspamdVerdict => ({
+  action: "no action",
+  score: 1.5,
+  required: 15,
+  addHeaders: [],
+  removeHeaders: [],
+  symbols: [],
+  ...over,
+});
+
+const message = [
+  Buffer.from("From: a@sender.test\r\nSubject: hello\r\nX-Tag: one\r\n"),
+  Buffer.from("X-Tag: two\r\nX-Tag: three\r\n\r\nbody line\r\nX-Tag: not a header\r\n"),
+];
+const text = (r: { prepend: string | Buffer; chunks: readonly Buffer[] }) =>
+  Buffer.concat([Buffer.from(r.prepend), ...r.chunks]).toString("latin1");
+
+describe("rspamd's answer", () => {
+  it("reads action, score, message, subject, milter headers and the top symbols", () => {
+    const v = parseAnswer(
+      JSON.stringify({
+        action: "reject",
+        score: 20.5,
+        required_score: 15,
+        subject: "[SPAM] hi",
+        messages: { smtp_message: "Gtube pattern" },
+        symbols: { A: { score: 0.1 }, B: { score: 20 }, C: { score: -3 } },
+        milter: {
+          add_headers: { "X-One": { value: "1", order: 1 }, "X-Two": "2", "X-Many": [{ value: "a" }, "b"] },
+          remove_headers: { "X-Spam": 0, "DKIM-Signature": -1 },
+        },
+      }),
+    );
+    expect(v).toMatchObject({ action: "reject", score: 20.5, required: 15, smtpMessage: "Gtube pattern" });
+    expect(v.symbols).toEqual(["B", "C", "A"]);
+    expect(v.addHeaders.map((h) => `${h.name}=${h.value}`)).toEqual([
+      "X-Two=2",
+      "X-Many=a",
+      "X-Many=b",
+      "X-One=1",
+    ]);
+    expect(v.removeHeaders).toEqual([
+      { name: "X-Spam", index: 0 },
+      { name: "DKIM-Signature", index: -1 },
+    ]);
+  });
+
+  it("keeps a custom action as a marked message, and refuses what is not an answer", () => {
+    expect(parseAnswer('{"action":"quarantine","score":9}')).toMatchObject({
+      action: "add header",
+      customAction: "quarantine",
+    });
+    expect(() => parseAnswer("<html>")).toThrow(RspamdError);
+    expect(() => parseAnswer('{"error":"bad request"}')).toThrow(/no action/);
+  });
+});
+
+describe("sanitizeReplyText", () => {
+  it("makes one bounded line, and falls back when nothing is left", () => {
+    expect(sanitizeReplyText("spam\r\n550 fake\tline\u0007", "x")).toBe("spam 550 fake line");
+    expect(sanitizeReplyText("y".repeat(500), "x")).toHaveLength(200);
+    expect(sanitizeReplyText("\r\n", "fallback")).toBe("fallback");
+    expect(sanitizeReplyText(undefined, "fallback")).toBe("fallback");
+  });
+});
+
+describe("applyVerdict", () => {
+  it("only prepends when nothing is removed or rewritten: the message's chunks are the same objects", () => {
+    const out = applyVerdict(
+      { prepend: "Received: x\r\n", chunks: message, hasSpamHeaders: false },
+      verdict(),
+      spamHeaders(verdict()),
+    );
+    expect(out.chunks).toBe(message);
+    expect(out.prepend).toBe(
+      "Received: x\r\nX-Spam-Score: 1.50\r\nX-Spam-Status: No, score=1.50 required=15.00\r\nX-Spam-Action: no action\r\n",
+    );
+  });
+
+  it("removes fields by rspamd's index rules (0 all, n the n-th, -n from the end), never in the body", () => {
+    const first = applyVerdict(
+      { prepend: "", chunks: message, hasSpamHeaders: false },
+      verdict({ removeHeaders: [{ name: "x-tag", index: 1 }] }),
+      [],
+    );
+    expect(text(first)).not.toContain("X-Tag: one");
+    expect(text(first)).toContain("X-Tag: two\r\nX-Tag: three\r\n\r\nbody line\r\nX-Tag: not a header\r\n");
+    const last = applyVerdict(
+      { prepend: "", chunks: message, hasSpamHeaders: false },
+      verdict({ removeHeaders: [{ name: "X-Tag", index: -1 }] }),
+      [],
+    );
+    expect(text(last)).toContain("X-Tag: one\r\nX-Tag: two\r\n\r\n");
+    const all = applyVerdict(
+      { prepend: "X-Tag: ours\r\n", chunks: message, hasSpamHeaders: false },
+      verdict({ removeHeaders: [{ name: "X-Tag", index: 0 }] }),
+      [],
+    );
+    expect(text(all)).toBe(
+      "From: a@sender.test\r\nSubject: hello\r\n\r\nbody line\r\nX-Tag: not a header\r\n",
+    );
+  });
+
+  it("rewrites the Subject (RFC 2047 when it is not ASCII) and drops forged X-Spam-* fields", () => {
+    const forged = [
+      Buffer.from("X-Spam-Flag: NO\r\nSubject: hi\r\nX-Spam-Status: No,\r\n score=-50\r\n\r\nbody\r\n"),
+    ];
+    const out = applyVerdict(
+      { prepend: "Received: x\r\n", chunks: forged, hasSpamHeaders: true },
+      verdict({ action: "rewrite subject", subject: "[SPAM] hï\r\nBcc: evil@x.test", score: 9 }),
+      spamHeaders(verdict({ action: "rewrite subject", score: 9 })),
+    );
+    const t = text(out);
+    expect(t).toMatch(/^Received: x\r\nX-Spam-Flag: YES\r\nX-Spam-Score: 9\.00\r\n/);
+    expect(t).not.toContain("score=-50");
+    expect(t).not.toContain("X-Spam-Flag: NO");
+    expect(t).not.toMatch(/^Bcc:/m);
+    const subject = /^Subject: (.*)\r\n/m.exec(t)?.[1];
+    expect(subject).toMatch(/^=\?UTF-8\?B\?[A-Za-z0-9+/=]+\?=$/);
+    expect(Buffer.from(subject!.slice(10, -2), "base64").toString()).toBe("[SPAM] hï Bcc: evil@x.test");
+    expect(t.endsWith("\r\n\r\nbody\r\n")).toBe(true);
+  });
+
+  it("adds rspamd's fields with valid names only, folded values kept folded", () => {
+    const out = applyVerdict(
+      { prepend: "", chunks: message, hasSpamHeaders: false },
+      verdict({
+        addHeaders: [
+          { name: "X-Rspamd-Result", value: "one\ntwo", order: 0 },
+          { name: "Bad Name", value: "x", order: 0 },
+          { name: "X-Inject", value: "a\r\nBcc: evil@x.test", order: 0 },
+        ],
+      }),
+      [],
+    );
+    expect(out.prepend).toBe("X-Rspamd-Result: one\r\n two\r\nX-Inject: a\r\n Bcc: evil@x.test\r\n");
+  });
+});
