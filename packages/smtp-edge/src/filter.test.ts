@@ -1,4 +1,6 @@
 import { describe, expect, it } from "vitest";
+import { z } from "zod";
+import { filterConfig, filterSettings } from "./config.ts";
 import { applyVerdict, sanitizeReplyText, spamHeaders } from "./filter.ts";
 import { parseAnswer, RspamdError, type RspamdVerdict } from "./rspamd.ts";
 
@@ -138,5 +140,29 @@ describe("applyVerdict", () => {
       [],
     );
     expect(out.prepend).toBe("X-Rspamd-Result: one\r\n two\r\nX-Inject: a\r\n Bcc: evil@x.test\r\n");
+  });
+});
+
+describe("filter configuration", () => {
+  const schema = z.object(filterConfig);
+
+  it("is off without RSPAMD_URL (also when it is empty), with the documented defaults when set", () => {
+    expect(filterSettings(schema.parse({}), { modify: true })).toBeUndefined();
+    expect(filterSettings(schema.parse({ RSPAMD_URL: "" }), { modify: true })).toBeUndefined();
+    expect(filterSettings(schema.parse({ RSPAMD_URL: "http://rspamd:11333" }), { modify: false })).toEqual({
+      url: "http://rspamd:11333",
+      timeoutMs: 10_000,
+      failMode: "tempfail",
+      maxSize: 10 * 1024 * 1024,
+      password: undefined,
+      settingsId: undefined,
+      modify: false,
+    });
+  });
+
+  it("refuses a URL that is not http(s) and a fail mode it does not know", () => {
+    expect(schema.safeParse({ RSPAMD_URL: "rspamd:11333" }).success).toBe(false);
+    expect(schema.safeParse({ RSPAMD_URL: "ftp://rspamd" }).success).toBe(false);
+    expect(schema.safeParse({ FILTER_FAIL_MODE: "pass" }).success).toBe(false);
   });
 });
