@@ -1,7 +1,16 @@
+import { SmtpError } from "@mailpipe/contracts";
+import { createTelemetry } from "@mailpipe/telemetry";
+import { freePort } from "@mailpipe/testing";
 import { describe, expect, it } from "vitest";
 import { z } from "zod";
 import { filterConfig, filterSettings } from "./config.ts";
-import { applyVerdict, sanitizeReplyText, spamHeaders } from "./filter.ts";
+import {
+  applyVerdict,
+  ContentFilter,
+  type ContentFilterOptions,
+  sanitizeReplyText,
+  spamHeaders,
+} from "./filter.ts";
 import { parseAnswer, RspamdError, type RspamdVerdict } from "./rspamd.ts";
 
 const verdict = (over: Partial<RspamdVerdict> = {}): RspamdVerdict => ({
@@ -164,5 +173,60 @@ describe("filter configuration", () => {
     expect(schema.safeParse({ RSPAMD_URL: "rspamd:11333" }).success).toBe(false);
     expect(schema.safeParse({ RSPAMD_URL: "ftp://rspamd" }).success).toBe(false);
     expect(schema.safeParse({ FILTER_FAIL_MODE: "pass" }).success).toBe(false);
+  });
+});
+
+describe("ContentFilter without an answer", () => {
+  const telemetry = createTelemetry({ service: "mx", logLevel: "silent", defaultMetrics: false });
+  const input = (size: number) => ({
+    queueId: "01J0000000000000000000000Q",
+    mailFrom: "a@sender.test",
+    recipients: ["alice@example.test"],
+    ip: "192.0.2.1",
+    helo: "client.sender.test",
+    mtaName: "mx.test",
+    prepend: "Received: x\r\n",
+    chunks: [Buffer.from("Subject: hi\r\nX-Spam-Flag: YES\r\n\r\nbody\r\n")],
+    size,
+    hasSpamHeaders: true,
+    smtputf8: false,
+  });
+  const filter = async (over: Partial<ContentFilterOptions>) =>
+    new ContentFilter(
+      {
+        url: `http://127.0.0.1:${await freePort()}`, // nothing listens there
+        timeoutMs: 2000,
+        failMode: "tempfail",
+        maxSize: 1024,
+        modify: true,
+        ...over,
+      },
+      telemetry,
+    );
+
+  it("refuses with 451 4.7.1 while rspamd is unreachable (tempfail), and counts the failure", async () => {
+    const f = await filter({});
+    const err = await f.check(input(40)).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(SmtpError);
+    expect((err as SmtpError).reply).toMatchObject({ code: 451, enhanced: "4.7.1" });
+    expect(
+      await telemetry.metrics.registry.getSingleMetricAsString("mailpipe_filter_failures_total"),
+    ).toMatch(/reason="unavailable"[^\n]* 1/);
+    f.close();
+  });
+
+  it("takes the message unfiltered with FILTER_FAIL_MODE=accept, forged X-Spam-* fields removed", async () => {
+    const f = await filter({ failMode: "accept" });
+    const out = await f.check(input(40));
+    expect(out.verdict).toEqual({ action: "failed" });
+    expect(text(out)).toBe("Received: x\r\nSubject: hi\r\n\r\nbody\r\n");
+    f.close();
+  });
+
+  it("does not send a message over FILTER_MAX_SIZE", async () => {
+    const f = await filter({ maxSize: 10 });
+    const out = await f.check(input(40));
+    expect(out.verdict).toEqual({ action: "skipped" });
+    f.close();
   });
 });

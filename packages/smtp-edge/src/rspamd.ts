@@ -111,7 +111,7 @@ const wire = (s: string) => Buffer.from(s.replace(/[\r\n]/g, " "), "utf8").toStr
 
 const MAX_ANSWER = 4 * 1024 * 1024;
 
-/** One client per process (keeps its connections alive where rspamd allows it). */
+/** One client per process. */
 export class RspamdClient {
   readonly url: URL;
   readonly #options: RspamdClientOptions;
@@ -123,8 +123,8 @@ export class RspamdClient {
       throw new Error(`RSPAMD_URL must be an http:// or https:// URL, not ${base.protocol}`);
     this.url = new URL(base.pathname.replace(/\/?$/, "/checkv2"), base);
     this.#options = options;
-    this.#agent =
-      base.protocol === "https:" ? new https.Agent({ keepAlive: true }) : new http.Agent({ keepAlive: true });
+    // rspamd closes the connection after every answer (Connection: close): nothing to keep alive
+    this.#agent = base.protocol === "https:" ? new https.Agent() : new http.Agent();
   }
 
   close(): void {
