@@ -27,6 +27,7 @@ beforeAll(async () => {
   rspamd = await startRspamd();
   p = await startPipeline({
     services: ["mda", "router", "mx", "msa"],
+    tracing: true,
     serviceEnv: {
       mx: { RSPAMD_URL: rspamd.url, RSPAMD_TIMEOUT: "20s" },
       msa: { RSPAMD_URL: rspamd.url, RSPAMD_TIMEOUT: "20s", RSPAMD_SETTINGS_ID: "outbound" },
@@ -113,6 +114,18 @@ describe("mx with rspamd", () => {
     expect(field(h, "X-Spam-Flag")).toEqual([]);
     // a header rspamd asked to add (milter_headers): it saw our queue id
     expect(field(h, "X-Rspamd-Queue-Id")).toEqual([queueId]);
+    // a span around the check, in the message's trace, under its SMTP transaction
+    const spans = await p.otlp!.waitForSpans(
+      (all) => all.some((s) => s.name === "filter.check" && s.attributes["mail.queue_id"] === queueId),
+      30_000,
+    );
+    const check = spans.find((s) => s.name === "filter.check" && s.attributes["mail.queue_id"] === queueId)!;
+    expect(check.service).toBe("mx");
+    expect(check.attributes["mail.filter.action"]).toBe("no action");
+    expect(check.attributes["server.port"]).toBe(rspamd.port);
+    const root = spans.find((s) => s.spanId === check.parentSpanId);
+    expect(root?.name).toBe("smtp.transaction");
+    expect(root?.traceId).toBe(check.traceId);
     // the verdict is in the message's timeline
     const { stdout } = await exec(
       "node",
