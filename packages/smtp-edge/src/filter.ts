@@ -39,8 +39,17 @@ export interface FilterOutcome {
   chunks: readonly Buffer[];
 }
 
-/** The header fields we set on a filtered message; the same names coming from outside are removed. */
-export const SPAM_HEADERS = ["X-Spam-Flag", "X-Spam-Score", "X-Spam-Status", "X-Spam-Action"] as const;
+/**
+ * The header fields we set on a filtered message, and `X-Spam` (rspamd's flag, which mda's Junk rule
+ * reads too): the same names coming from outside are removed.
+ */
+export const SPAM_HEADERS = [
+  "X-Spam-Flag",
+  "X-Spam-Score",
+  "X-Spam-Status",
+  "X-Spam-Action",
+  "X-Spam",
+] as const;
 
 const metricAction = (a: FilterAction) => a.replace(/ /g, "_");
 
