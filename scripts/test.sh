@@ -4,7 +4,7 @@
 # (tests/static), so one report counts everything. Extra arguments go to vitest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-. scripts/bootstrap.sh swaks smtp-source dovecot
+. scripts/bootstrap.sh swaks smtp-source dovecot rspamd
 args=(run)
 if [ -n "${VITEST_JSON_REPORT:-}" ]; then
   args+=(--reporter=default --reporter=json "--outputFile.json=$VITEST_JSON_REPORT")

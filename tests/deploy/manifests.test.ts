@@ -690,10 +690,112 @@ describe("overlays", () => {
   });
 });
 
+describe("component rspamd (content filtering)", () => {
+  // as an overlay listing it under `components` renders it: the base, then the component, one namespace
+  const objs = build(join(k8sDir, "components", "rspamd"), build(join(k8sDir, "base")));
+  for (const o of objs) if (o.kind !== "Namespace") o.metadata.namespace ??= "mailpipe";
+  const deps = deployments(objs);
+  const rspamd = deps.find((d) => d.metadata.name === "rspamd");
+  const service = ofKind<IService>(objs, "Service").find((s) => s.metadata.name === "rspamd");
+
+  it("validates, and adds an rspamd Deployment, a ClusterIP Service on 11333 and a PodDisruptionBudget", () => {
+    for (const o of objs) {
+      const model = MODELS[typeOf(o)];
+      if (!model) throw new Error(`unexpected kind ${typeOf(o)}`);
+      new model(o as never).validate();
+    }
+    expect(rspamd).toBeDefined();
+    expect(service?.spec?.type).toBe("ClusterIP");
+    expect(service?.spec?.ports?.map((p) => p.port)).toEqual([11333]);
+    expect(matches(service?.spec?.selector, rspamd?.spec?.template.metadata?.labels)).toBe(true);
+    expect(containerPort(mainContainer(rspamd!), service?.spec?.ports?.[0]?.targetPort)).toBe(11333);
+    const pdbs = ofKind<IPodDisruptionBudget>(objs, "PodDisruptionBudget");
+    expect(
+      pdbs.some((p) => matches(p.spec?.selector?.matchLabels, rspamd?.spec?.template.metadata?.labels)),
+    ).toBe(true);
+  });
+
+  it("runs rspamd as its image's non-root user, read-only, probed on /ping, its configuration from a ConfigMap", () => {
+    const pod = rspamd!.spec!.template.spec!;
+    const c = mainContainer(rspamd!);
+    expect(pod.securityContext?.runAsNonRoot).toBe(true);
+    expect(pod.securityContext?.runAsUser).toBe(11333);
+    expect(c.securityContext?.readOnlyRootFilesystem).toBe(true);
+    expect(c.securityContext?.allowPrivilegeEscalation).toBe(false);
+    expect(c.securityContext?.capabilities?.drop).toContain("ALL");
+    expect(pod.automountServiceAccountToken).toBe(false);
+    for (const probe of [c.startupProbe, c.readinessProbe, c.livenessProbe]) {
+      expect(probe?.httpGet?.path).toBe("/ping");
+      expect(containerPort(c, probe?.httpGet?.port)).toBe(11333);
+    }
+    expect(c.image).toMatch(/^rspamd\/rspamd:\d+\.\d+/);
+    const local = c.volumeMounts?.find((m) => m.mountPath === "/etc/rspamd/local.d");
+    const cmName = pod.volumes?.find((v) => v.name === local?.name)?.configMap?.name;
+    const data = configMap(objs, cmName ?? "");
+    // the same files as docker compose mounts from deploy/rspamd/local.d
+    for (const [file, text] of Object.entries(data)) {
+      expect(readFileSync(join(root, "deploy", "rspamd", "local.d", file), "utf8"), file).toContain(
+        text.trim().split("\n")[0]!,
+      );
+    }
+    expect(Object.keys(data).sort()).toEqual(["actions.conf", "milter_headers.conf", "settings.conf"]);
+    for (const m of ["/var/lib/rspamd", "/tmp"]) {
+      const mount = c.volumeMounts?.find((v) => v.mountPath === m);
+      expect(pod.volumes?.find((v) => v.name === mount?.name)?.emptyDir, m).toBeDefined();
+    }
+  });
+
+  it("points mx and msa at the rspamd Service, and msa at the outbound settings", () => {
+    const url = `http://${service?.metadata.name}:${service?.spec?.ports?.[0]?.port}`;
+    for (const name of ["mx", "msa"]) {
+      const d = deps.find((x) => x.metadata.name === name)!;
+      expect(envOf(objs, d).get("RSPAMD_URL"), name).toBe(url);
+      expect(readme(name as ServiceName), name).toMatch(/\bRSPAMD_URL\b/);
+    }
+    expect(envOf(objs, deps.find((x) => x.metadata.name === "msa")!).get("RSPAMD_SETTINGS_ID")).toBe(
+      "outbound",
+    );
+    for (const name of ["router", "delivery", "mda"])
+      expect(envOf(objs, deps.find((x) => x.metadata.name === name)!).has("RSPAMD_URL"), name).toBe(false);
+  });
+
+  it("network policies: mx and msa may reach rspamd on 11333, and rspamd takes connections only from them", () => {
+    const policies = ofKind<INetworkPolicy>(objs, "NetworkPolicy");
+    const selects = (p: INetworkPolicy, labels: Record<string, string> | undefined) => {
+      const sel = p.spec?.podSelector;
+      if (!sel) return false;
+      if (sel.matchLabels && !matches(sel.matchLabels, labels)) return false;
+      return (sel.matchExpressions ?? []).every(
+        (e) => e.operator === "In" && (e.values ?? []).includes(labels?.[e.key] ?? ""),
+      );
+    };
+    const rspamdLabels = rspamd?.spec?.template.metadata?.labels;
+    for (const name of ["mx", "msa"]) {
+      const labels = deps.find((x) => x.metadata.name === name)?.spec?.template.metadata?.labels;
+      const out = policies
+        .filter((p) => selects(p, labels))
+        .flatMap((p) => p.spec?.egress ?? [])
+        .filter((e) => e.to?.some((t) => matches(t.podSelector?.matchLabels, rspamdLabels)));
+      expect(
+        out.flatMap((e) => e.ports?.map((x) => x.port)),
+        name,
+      ).toContain(11333);
+    }
+    const ingress = policies.filter((p) => selects(p, rspamdLabels)).flatMap((p) => p.spec?.ingress ?? []);
+    expect(ingress.length).toBeGreaterThan(0);
+    for (const rule of ingress) {
+      expect(rule.from?.length).toBeGreaterThan(0);
+      for (const from of rule.from ?? [])
+        expect(from.podSelector?.matchExpressions?.[0]?.values?.sort()).toEqual(["msa", "mx"]);
+    }
+  });
+});
+
 // ---------------------------------------------------------------------------------------------
 
 interface ComposeService {
   image?: string;
+  profiles?: string[];
   build?: { context?: string; dockerfile?: string };
   command?: string[];
   entrypoint?: unknown;
@@ -824,6 +926,20 @@ describe("docker-compose.yml", () => {
       expect(mounted, name).toBe(needs.length > 0);
       for (const k of needs) expect(env[k], `${name} ${k}`).toMatch(/^\/etc\/mailpipe\//);
     }
+  });
+
+  it("rspamd and clamd are optional (profiles), and mx and msa filter only when RSPAMD_URL is given", () => {
+    expect(svc("rspamd").profiles).toEqual(["filter"]);
+    expect(svc("clamd").profiles).toEqual(["antivirus"]);
+    expect(svc("rspamd").volumes).toContain("./deploy/rspamd/local.d:/etc/rspamd/local.d:ro");
+    expect(existsSync(join(root, "deploy", "rspamd", "local.d", "antivirus.conf"))).toBe(true);
+    expect(readFileSync(join(root, "deploy", "rspamd", "local.d", "antivirus.conf"), "utf8")).toMatch(
+      /servers = "clamd:3310"/,
+    );
+    for (const name of ["mx", "msa"])
+      expect(svc(name).environment?.RSPAMD_URL, name).toBe(`\${RSPAMD_URL:-}`);
+    expect(svc("rspamd").read_only).toBe(true);
+    expect(svc("rspamd").cap_drop).toContain("ALL");
   });
 
   it("every environment variable a service is given is documented in its README", () => {

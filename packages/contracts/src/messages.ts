@@ -179,12 +179,38 @@ export const EVENT_TYPES = [
   "delayed",
   "dsn",
   "held",
+  "filtered",
 ] as const;
 export const EventType = z.enum(EVENT_TYPES);
 export type EventType = z.infer<typeof EventType>;
 
 export const ServiceName = z.enum(["msa", "mx", "router", "delivery", "mda", "mailctl"]);
 export type ServiceName = z.infer<typeof ServiceName>;
+
+/**
+ * What the content filter (rspamd) said about a message: its action (rspamd's names, plus
+ * `skipped` for a message over FILTER_MAX_SIZE and `failed` when it did not answer), its score and
+ * threshold, and the names of the symbols that scored most (never message content).
+ */
+export const FILTER_ACTIONS = [
+  "no action",
+  "greylist",
+  "add header",
+  "rewrite subject",
+  "soft reject",
+  "reject",
+  "skipped",
+  "failed",
+] as const;
+export const FilterAction = z.enum(FILTER_ACTIONS);
+export type FilterAction = z.infer<typeof FilterAction>;
+export const FilterVerdict = z.strictObject({
+  action: FilterAction,
+  score: z.number().finite().optional(),
+  required: z.number().finite().optional(),
+  symbols: z.array(z.string().max(128)).max(20).optional(),
+});
+export type FilterVerdict = z.infer<typeof FilterVerdict>;
 
 /** `mail.v1.events.<type>`: every state change, for tracking, metrics and webhooks. */
 export const MailEvent = z.strictObject({
@@ -222,5 +248,7 @@ export const MailEvent = z.strictObject({
     .optional(),
   /** a short human-readable note, never message content */
   detail: z.string().max(1000).optional(),
+  /** `filtered`: the content filter's verdict */
+  filter: FilterVerdict.optional(),
 });
 export type MailEvent = z.infer<typeof MailEvent>;

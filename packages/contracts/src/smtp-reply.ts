@@ -104,6 +104,13 @@ export const replies = {
     reply(550, "5.7.1", `Message rejected: DMARC policy of ${domain} says reject and the message failed it`),
   spfReject: (domain: string) =>
     reply(550, "5.7.23", `SPF check failed for ${domain}: your IP is not allowed`),
+  /** the content filter (rspamd) says reject; `text` is its message, already sanitised */
+  contentRejected: (text = "Message rejected as spam") => reply(550, "5.7.1", text),
+  /** the content filter says soft reject or greylist */
+  contentDeferred: (text = "Message deferred by the content filter, try again later") =>
+    reply(451, "4.7.1", text),
+  /** the content filter did not answer (down, slow, or an answer we could not read) */
+  filterUnavailable: () => reply(451, "4.7.1", "Content filter unavailable, try again later"),
 
   // temporary problems on our side
   localError: () => reply(451, "4.3.0", "Temporary local problem, please try again later"),

@@ -190,6 +190,16 @@ function describe(e: MailEvent): string {
     const policy = e.tls.source === "default" ? e.tls.policy : `${e.tls.policy}, ${e.tls.source}`;
     parts.push(`${session} (${policy}${e.tls.verified ? ", verified" : ""})`);
   }
+  if (e.filter) {
+    const f = e.filter;
+    const score =
+      f.score !== undefined
+        ? `  score ${f.score.toFixed(2)}${f.required !== undefined ? `/${f.required.toFixed(2)}` : ""}`
+        : "";
+    parts.push(
+      `rspamd: ${f.action}${score}${f.symbols?.length ? `  [${f.symbols.slice(0, 5).join(" ")}]` : ""}`,
+    );
+  }
   if (e.detail) parts.push(e.detail);
   return parts.join("  ");
 }

@@ -1,5 +1,6 @@
 import { byteSize, duration } from "@mailpipe/service-kit";
 import { z } from "zod";
+import type { ContentFilterOptions } from "./filter.ts";
 import { MemoryBudget } from "./memory-budget.ts";
 import type { SmtpEdgeOptions } from "./server.ts";
 
@@ -34,6 +35,57 @@ export const edgeConfig = {
   /** how often the certificate files are checked for a renewal */
   TLS_RELOAD_INTERVAL: duration("5s"),
 };
+
+const optionalText = z
+  .string()
+  .trim()
+  .optional()
+  .transform((v) => (v ? v : undefined));
+
+/**
+ * The content filter's variables (mx and msa read the same names; each service is filtered only
+ * when its own RSPAMD_URL is set). README.md documents them with their defaults.
+ */
+export const filterConfig = {
+  /** rspamd's normal worker, e.g. http://rspamd:11333; unset = no filtering (and no work for it) */
+  RSPAMD_URL: optionalText.pipe(
+    z
+      .url({
+        protocol: /^https?$/,
+        error: "RSPAMD_URL must be an http:// or https:// URL, e.g. http://rspamd:11333",
+      })
+      .optional(),
+  ),
+  /** rspamd taking longer: the filter failed (FILTER_FAIL_MODE says what then) */
+  RSPAMD_TIMEOUT: duration("10s"),
+  /** sent as `Password` (only the controller worker asks for one) */
+  RSPAMD_PASSWORD: optionalText,
+  /** sent as `Settings-ID`: which of rspamd's settings to apply (e.g. `outbound` for msa) */
+  RSPAMD_SETTINGS_ID: optionalText,
+  /** tempfail: rspamd down, slow or unreadable = 451 4.7.1; accept: the message is taken unfiltered */
+  FILTER_FAIL_MODE: z.enum(["tempfail", "accept"]).default("tempfail"),
+  /** messages bigger than this are taken without being filtered */
+  FILTER_MAX_SIZE: byteSize("10M"),
+};
+
+type FilterConfig = { [K in keyof typeof filterConfig]?: z.infer<(typeof filterConfig)[K]> };
+
+/** The content filter those variables describe, or undefined when RSPAMD_URL is unset. */
+export function filterSettings(
+  c: FilterConfig,
+  { modify }: { modify: boolean },
+): ContentFilterOptions | undefined {
+  if (!c.RSPAMD_URL) return undefined;
+  return {
+    url: c.RSPAMD_URL,
+    timeoutMs: c.RSPAMD_TIMEOUT ?? 10_000,
+    failMode: c.FILTER_FAIL_MODE ?? "tempfail",
+    maxSize: c.FILTER_MAX_SIZE ?? 10 * 1024 * 1024,
+    password: c.RSPAMD_PASSWORD,
+    settingsId: c.RSPAMD_SETTINGS_ID,
+    modify,
+  };
+}
 
 type EdgeConfig = { [K in keyof typeof edgeConfig]: z.infer<(typeof edgeConfig)[K]> };
 

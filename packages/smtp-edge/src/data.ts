@@ -1,7 +1,8 @@
 // DATA stage: the DATA time limit, reading the message within the memory budget (size, header and
-// loop checks), the service's message hook, our Received field, and durable acceptance: the 250
-// goes out only once the body is stored and the queue entry published.
-import { type Reply, replies, SmtpError } from "@mailpipe/contracts";
+// loop checks), the service's message hook, our Received field, the content filter (when there is
+// one), and durable acceptance: the 250 goes out only once the body is stored and the queue entry
+// published.
+import { type FilterVerdict, type Reply, replies, SmtpError } from "@mailpipe/contracts";
 import { attr } from "@mailpipe/telemetry";
 import { context } from "@opentelemetry/api";
 import type { SMTPServerDataStream, SMTPServerOptions, SMTPServerSession } from "smtp-server";
@@ -15,8 +16,9 @@ import {
   type TxState,
   textOf,
 } from "./edge-context.ts";
+import { type ContentFilter, SPAM_HEADERS, verdictOf } from "./filter.ts";
 import type { MessageDecision } from "./hooks.ts";
-import { type ByteLease, MAX_HEADER_BYTES, readMessage } from "./intake.ts";
+import { type ByteLease, type IncomingMessage, MAX_HEADER_BYTES, readMessage } from "./intake.ts";
 import { buildReceived } from "./received.ts";
 
 /** A prepended header field with CRLF line endings (the same policy as the message) and a final CRLF. */
@@ -124,7 +126,9 @@ export function dataHandler(edge: EdgeContext): Pick<SMTPServerOptions, "onData"
         hideClient: options.hideClientInReceived,
         authenticatedUser: options.authUserInReceived ? tx.client.user : undefined,
       });
-      const prepend = received + (decision?.prepend ?? []).map(ensureCrlf).join("");
+      let prepend: string | Buffer = received + (decision?.prepend ?? []).map(ensureCrlf).join("");
+      let chunks: readonly Buffer[] = read.chunks;
+      if (edge.filter) ({ prepend, chunks } = await filterMessage(edge.filter, t, read, prepend, recipients));
       const accepted = await acceptMessage({
         bus,
         telemetry,
@@ -143,7 +147,7 @@ export function dataHandler(edge: EdgeContext): Pick<SMTPServerOptions, "onData"
           ...(tx.client.user ? { user: tx.client.user.slice(0, 320) } : {}),
         },
         prepend,
-        chunks: read.chunks,
+        chunks,
         messageId: read.messageId,
         timeoutMs: edge.acceptTimeoutMs,
         signal: t.abandon.signal,
@@ -160,6 +164,68 @@ export function dataHandler(edge: EdgeContext): Pick<SMTPServerOptions, "onData"
       );
       return accepted.reply;
     });
+  };
+
+  /** The content filter's check in its own span; emits `filtered`; throws the refusal, if any. */
+  const filterMessage = (
+    filter: ContentFilter,
+    t: TxState,
+    read: IncomingMessage,
+    prepend: string,
+    recipients: string[],
+  ) => {
+    const { tx } = t;
+    const url = filter.client.url;
+    return edge.stage(
+      t,
+      "filter.check",
+      {
+        [attr.queueId]: tx.queueId,
+        [attr.serverAddress]: url.hostname,
+        [attr.serverPort]: Number(url.port || (url.protocol === "https:" ? 443 : 80)),
+      },
+      async (span) => {
+        const emit = (verdict: FilterVerdict | undefined) => {
+          if (!verdict) return;
+          span.setAttribute("mail.filter.action", verdict.action);
+          if (verdict.score !== undefined) span.setAttribute("mail.filter.score", verdict.score);
+          bus.emit({
+            type: "filtered",
+            queueId: tx.queueId,
+            mailFrom: tx.mailFrom,
+            recipients,
+            ...(read.messageId ? { messageId: read.messageId } : {}),
+            filter: verdict,
+          });
+        };
+        try {
+          const out = await filter.check(
+            {
+              queueId: tx.queueId,
+              mailFrom: tx.mailFrom,
+              recipients,
+              ip: tx.client.ip,
+              helo: tx.client.helo,
+              hostname: tx.client.hostname,
+              user: tx.client.user,
+              tls: tx.client.tls,
+              mtaName: options.hostname,
+              prepend,
+              chunks: read.chunks,
+              size: read.size,
+              hasSpamHeaders: SPAM_HEADERS.some((h) => read.header(h).length > 0),
+              smtputf8: tx.smtputf8,
+            },
+            t.abandon.signal,
+          );
+          emit(out.verdict);
+          return out;
+        } catch (err) {
+          emit(verdictOf(err));
+          throw err;
+        }
+      },
+    );
   };
 
   return {

@@ -6,6 +6,7 @@ import { attr, type Logger, type Span, SpanKind, SpanStatusCode, type Telemetry 
 import { type Context, context, type Tracer } from "@opentelemetry/api";
 import type { SMTPServer, SMTPServerSession } from "smtp-server";
 import type { SMTPConnection } from "smtp-server/lib/smtp-connection.js";
+import type { ContentFilter } from "./filter.ts";
 import type { EdgeClient, EdgeHooks } from "./hooks.ts";
 import type { MemoryBudget } from "./memory-budget.ts";
 import type { EdgeMetrics } from "./metrics.ts";
@@ -78,6 +79,8 @@ export class EdgeContext {
   readonly metrics: EdgeMetrics;
   readonly maxReceived: number;
   readonly acceptTimeoutMs: number;
+  /** the content filter, when RSPAMD_URL is set */
+  readonly filter: ContentFilter | undefined;
   readonly sessions = new WeakMap<SMTPServerSession, SessionState>();
   /** open, counted connections per client IP */
   readonly perIp = new Map<string, number>();
@@ -97,6 +100,7 @@ export class EdgeContext {
     this.metrics = metrics;
     this.maxReceived = options.maxReceivedHeaders ?? 50;
     this.acceptTimeoutMs = options.acceptTimeoutMs ?? 30_000;
+    this.filter = options.filter;
   }
 
   connectionOf(session: SMTPServerSession): SMTPConnection | undefined {

@@ -1,5 +1,15 @@
 export { type Accepted, type AcceptInput, acceptMessage } from "./accept.ts";
-export { edgeConfig, edgeLimits } from "./config.ts";
+export { edgeConfig, edgeLimits, filterConfig, filterSettings } from "./config.ts";
+export {
+  applyVerdict,
+  ContentFilter,
+  type ContentFilterOptions,
+  type FilterInput,
+  type FilterOutcome,
+  SPAM_HEADERS,
+  sanitizeReplyText,
+  spamHeaders,
+} from "./filter.ts";
 export {
   type ByteLease,
   type HeaderField,
@@ -15,6 +25,14 @@ export { MemoryBudget } from "./memory-budget.ts";
 export { type EdgeMetrics, edgeMetrics } from "./metrics.ts";
 export { installSmtpServerPatches, leadingEnhancedCode } from "./patches.ts";
 export { buildReceived, type ReceivedOptions, receivedProtocol, rfc5322Date } from "./received.ts";
+export {
+  parseAnswer,
+  RspamdClient,
+  type RspamdClientOptions,
+  RspamdError,
+  type RspamdRequest,
+  type RspamdVerdict,
+} from "./rspamd.ts";
 export {
   createSmtpEdge,
   type EdgeClient,

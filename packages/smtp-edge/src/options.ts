@@ -1,5 +1,6 @@
 import type { Bus } from "@mailpipe/bus";
 import type { Telemetry } from "@mailpipe/telemetry";
+import type { ContentFilter } from "./filter.ts";
 import type { EdgeHooks } from "./hooks.ts";
 import type { MemoryBudget } from "./memory-budget.ts";
 import type { TlsFiles } from "./tls-files.ts";
@@ -56,4 +57,9 @@ export interface SmtpEdgeOptions {
    * process), or a size for this edge alone; default 512 MiB. Must not be below `maxMessageSize`.
    */
   memoryBudget?: MemoryBudget | number;
+  /**
+   * the content filter (rspamd) every message goes through before the end-of-DATA reply; absent =
+   * no filtering. One per process (msa's listeners share it); the service closes it.
+   */
+  filter?: ContentFilter | undefined;
 }

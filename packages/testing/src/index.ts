@@ -38,6 +38,13 @@ export {
   waitFor,
 } from "./process.ts";
 export {
+  GTUBE,
+  RSPAMD_TEST_TRIGGERS,
+  type RspamdHandle,
+  type StartRspamdOptions,
+  startRspamd,
+} from "./rspamd.ts";
+export {
   chooseServerMode,
   detectContainerRuntime,
   findBinary,

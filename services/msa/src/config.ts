@@ -1,6 +1,6 @@
 import { directoryFileSetting } from "@mailpipe/directory";
 import { baseConfig, bool, duration, port } from "@mailpipe/service-kit";
-import { edgeConfig } from "@mailpipe/smtp-edge";
+import { edgeConfig, filterConfig } from "@mailpipe/smtp-edge";
 import { z } from "zod";
 
 const required = (what: string) =>
@@ -27,6 +27,7 @@ export const msaConfig = baseConfig.extend({
   MSA_SUBMISSIONS_PORT: port(465),
 
   ...edgeConfig,
+  ...filterConfig,
   /** expect a PROXY protocol v1 header from the load balancer, so brute-force counts, limits and logs see the client's IP */
   MSA_PROXY_PROTOCOL: bool(false),
 

@@ -1,6 +1,13 @@
 import type { Bus } from "@mailpipe/bus";
 import { type DirectoryWatcher, watchDirectory } from "@mailpipe/directory";
-import { createSmtpEdge, edgeLimits, type SmtpEdge, type SmtpEdgeOptions } from "@mailpipe/smtp-edge";
+import {
+  ContentFilter,
+  createSmtpEdge,
+  edgeLimits,
+  filterSettings,
+  type SmtpEdge,
+  type SmtpEdgeOptions,
+} from "@mailpipe/smtp-edge";
 import type { Telemetry } from "@mailpipe/telemetry";
 import type { Redis } from "ioredis";
 import { AuthGuard } from "./auth-guard.ts";
@@ -56,6 +63,20 @@ export async function startMsa({ config, telemetry, bus, redis }: MsaDeps): Prom
     lockedCloseAfter: config.AUTH_LOCKED_CLOSE_AFTER,
   });
 
+  // rspamd when RSPAMD_URL is set: it is told the authenticated user (and RSPAMD_SETTINGS_ID), and only
+  // its refusals act here; the message, DKIM-signed already, is not changed
+  const filterOptions = filterSettings(config, { modify: false });
+  const filter = filterOptions ? new ContentFilter(filterOptions, telemetry) : undefined;
+  if (filter)
+    log.info(
+      {
+        url: filter.client.url.origin,
+        failMode: filterOptions?.failMode,
+        settingsId: filterOptions?.settingsId,
+      },
+      "content filter: rspamd",
+    );
+
   const common: Omit<SmtpEdgeOptions, "port" | "secure"> = {
     service: "msa",
     hostname: config.MAIL_HOSTNAME,
@@ -70,6 +91,7 @@ export async function startMsa({ config, telemetry, bus, redis }: MsaDeps): Prom
     maxRecipients: config.RATE_RECIPIENTS_PER_MESSAGE + 1,
     hideClientInReceived: !config.MSA_RECEIVED_CLIENT_DETAILS,
     authUserInReceived: config.MSA_RECEIVED_AUTH_USER,
+    filter,
   };
 
   const edges: SmtpEdge[] = [];
@@ -85,6 +107,7 @@ export async function startMsa({ config, telemetry, bus, redis }: MsaDeps): Prom
     }
   } catch (err) {
     await Promise.all(edges.map((e) => e.close({ timeoutMs: 0 })));
+    filter?.close();
     directory.close();
     throw err;
   }
@@ -99,6 +122,7 @@ export async function startMsa({ config, telemetry, bus, redis }: MsaDeps): Prom
     },
     async close(timeoutMs) {
       await Promise.all([submission.close({ timeoutMs }), submissions.close({ timeoutMs })]);
+      filter?.close();
       directory.close();
     },
   };

@@ -1,7 +1,7 @@
 import { directoryFileSetting } from "@mailpipe/directory";
 import { dnsServersSetting } from "@mailpipe/dns";
 import { baseConfig, bool, port } from "@mailpipe/service-kit";
-import { edgeConfig } from "@mailpipe/smtp-edge";
+import { edgeConfig, filterConfig } from "@mailpipe/smtp-edge";
 import { z } from "zod";
 
 const count = (defaultValue: number, min = 1) => z.coerce.number().int().min(min).default(defaultValue);
@@ -18,6 +18,7 @@ export const mxConfig = baseConfig
     MX_HOST: z.string().min(1).default("0.0.0.0"),
     MX_PORT: port(25),
     ...edgeConfig,
+    ...filterConfig,
     /** per transaction: 452 4.5.3 beyond */
     MAX_RECIPIENTS: count(100),
     /** expect a PROXY protocol v1 header from the load balancer, so limits, SPF and logs see the client's IP */

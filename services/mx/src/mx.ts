@@ -3,9 +3,11 @@ import { replies, SmtpError } from "@mailpipe/contracts";
 import { type Directory, type DirectoryWatcher, watchDirectory } from "@mailpipe/directory";
 import { createResolver, type DnsResolver, mailauthResolver, reverseName } from "@mailpipe/dns";
 import {
+  ContentFilter,
   createSmtpEdge,
   type EdgeHooks,
   edgeLimits,
+  filterSettings,
   type SmtpEdge,
   type Transaction,
 } from "@mailpipe/smtp-edge";
@@ -159,6 +161,12 @@ export async function startMx({ config, telemetry, bus, resolver: given }: MxDep
     },
   };
 
+  // rspamd before the end-of-DATA reply, when RSPAMD_URL is set; the verdict may mark the message
+  const filterOptions = filterSettings(config, { modify: true });
+  const filter = filterOptions ? new ContentFilter(filterOptions, telemetry) : undefined;
+  if (filter)
+    log.info({ url: filter.client.url.origin, failMode: filterOptions?.failMode }, "content filter: rspamd");
+
   let edge: SmtpEdge | undefined;
   try {
     edge = await createSmtpEdge({
@@ -180,10 +188,12 @@ export async function startMx({ config, telemetry, bus, resolver: given }: MxDep
         return answer.answers.flatMap((r) => (r.type === "PTR" ? [r.target] : []));
       },
       maxRecipients: config.MAX_RECIPIENTS,
+      filter,
     });
     await edge.listen();
   } catch (err) {
     await edge?.close({ timeoutMs: 0 });
+    filter?.close();
     directory.close();
     throw err;
   }
@@ -197,6 +207,7 @@ export async function startMx({ config, telemetry, bus, resolver: given }: MxDep
     },
     async close(timeoutMs) {
       await listener.close({ timeoutMs });
+      filter?.close();
       directory.close();
     },
   };
