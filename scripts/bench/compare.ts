@@ -337,6 +337,8 @@ async function latency(natsUrl: string, from: number): Promise<RunResult["latenc
       let got = 0;
       for await (const m of batch) {
         got++;
+        // the stream also holds the tracking index (mail.v1.track.*), which is not JSON
+        if (!m.subject.startsWith("mail.v1.events.")) continue;
         const e = m.json<MailEvent>();
         if (!e.queueId) continue;
         if (e.type === "received" && Date.parse(e.at) >= from) received.set(e.queueId, Date.parse(e.at));
