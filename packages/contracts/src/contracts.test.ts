@@ -52,6 +52,18 @@ describe("message contracts round-trip through JSON", () => {
     expect(decodeJson(QueuedMail, JSON.stringify(m))).toEqual(m);
   });
 
+  it("queued mail with RFC 3461 parameters, and without them (mail queued before they existed)", () => {
+    const m = queued();
+    m.envelope.dsn = { ret: "HDRS", envid: "batch 7+a" };
+    m.envelope.rcptTo[0] = { address: "alice@example.test", notify: ["SUCCESS", "FAILURE"] };
+    expect(decodeJson(QueuedMail, JSON.stringify(m))).toEqual(m);
+    expect(decodeJson(QueuedMail, JSON.stringify(queued())).envelope.dsn).toBeUndefined();
+    const bad = (dsn: unknown) => () => decode(QueuedMail, { ...m, envelope: { ...m.envelope, dsn } });
+    expect(bad({ envid: "x".repeat(101) })).toThrow(/envid/);
+    expect(bad({ envid: "caf\u00e9" })).toThrow(/printable ASCII/);
+    expect(bad({ ret: "BODY" })).toThrow(/ret/);
+  });
+
   it("queued mail with a null sender (a DSN)", () => {
     const m = { ...queued(), source: "dsn" as const, client: undefined };
     m.envelope.mailFrom = "";

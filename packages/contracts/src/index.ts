@@ -12,6 +12,7 @@ export {
   ClientInfo,
   DsnNotify,
   Envelope,
+  EnvelopeDsn,
   EnvelopeRecipient,
   EVENT_TYPES,
   EventType,

@@ -10,6 +10,7 @@ const Timestamp = z.iso.datetime({ offset: true });
 const Attempt = z.number().int().min(1).max(100_000);
 
 export const DsnNotify = z.enum(["NEVER", "SUCCESS", "FAILURE", "DELAY"]);
+export type DsnNotify = z.infer<typeof DsnNotify>;
 
 /** One envelope recipient as the client gave it (and the address it was first addressed to). */
 export const EnvelopeRecipient = z.strictObject({
@@ -20,11 +21,25 @@ export const EnvelopeRecipient = z.strictObject({
 });
 export type EnvelopeRecipient = z.infer<typeof EnvelopeRecipient>;
 
+/** RFC 3461 MAIL parameters: RET and ENVID (decoded from xtext). Absent on mail queued before them. */
+export const EnvelopeDsn = z.strictObject({
+  ret: z.enum(["FULL", "HDRS"]).optional(),
+  /** printable ASCII, at most 100 characters (RFC 3461 4.4) */
+  envid: z
+    .string()
+    .min(1)
+    .max(100)
+    .regex(/^[\x20-\x7e]+$/, "must be printable ASCII")
+    .optional(),
+});
+export type EnvelopeDsn = z.infer<typeof EnvelopeDsn>;
+
 export const Envelope = z.strictObject({
   mailFrom: ReversePath,
   rcptTo: z.array(EnvelopeRecipient).min(1).max(10_000),
   smtputf8: z.boolean(),
   bodyType: z.enum(["7BIT", "8BITMIME"]),
+  dsn: EnvelopeDsn.optional(),
 });
 export type Envelope = z.infer<typeof Envelope>;
 

@@ -67,6 +67,8 @@ export const replies = {
   relayDenied: () => reply(550, "5.7.1", "Relay access denied: we accept mail only for our own domains"),
   badRecipientSyntax: () => reply(501, "5.1.3", "Bad recipient address syntax"),
   badSenderSyntax: () => reply(501, "5.1.7", "Bad sender address syntax"),
+  /** a malformed RFC 3461 parameter (ENVID, ORCPT, NOTIFY, RET) */
+  badDsnParameter: (detail: string) => reply(501, "5.5.4", detail),
   domainNotFound: (domain: string) => reply(550, "5.1.2", `Host or domain name not found: ${domain}`),
   nullMx: (domain: string) => reply(556, "5.1.10", `Domain ${domain} does not accept mail (null MX)`),
   aliasLoop: (address: string) => reply(554, "5.4.6", `Alias loop detected while expanding <${address}>`),

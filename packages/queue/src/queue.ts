@@ -221,6 +221,8 @@ export class MailQueue {
     if (message.spool) fields.spool = `${message.spool.stream}:${message.spool.seq}`;
     if (message.messageId !== undefined) fields.messageId = message.messageId;
     if (message.traceparent !== undefined) fields.traceparent = message.traceparent;
+    if (message.envid !== undefined) fields.envid = message.envid;
+    if (message.ret !== undefined) fields.ret = message.ret;
     if (message.dsn) {
       fields.dsnOf = message.dsn.of;
       fields.dsnKind = message.dsn.kind;
@@ -769,6 +771,8 @@ export class MailQueue {
         ? { dsn: { of: f.dsnOf, kind: f.dsnKind } }
         : {}),
       notices: f.notices === "1",
+      ...(f.envid ? { envid: f.envid } : {}),
+      ...(f.ret === "FULL" || f.ret === "HDRS" ? { ret: f.ret } : {}),
       delayNotified: f.delayNotified === "1",
       open: Number(f.open ?? 0),
       total: Number(f.total ?? 0),

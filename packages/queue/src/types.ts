@@ -55,6 +55,10 @@ export interface MessageInput {
   dsn?: { of: string; kind: "failure" | "delay" };
   /** whether DSNs may be sent for this message (false for the null sender and for DSNs) */
   notices: boolean;
+  /** RFC 3461 ENVID (decoded): the report's Original-Envelope-Id */
+  envid?: string;
+  /** RFC 3461 RET: what a failure report returns (absent: the headers) */
+  ret?: "FULL" | "HDRS";
 }
 
 /** Where a spool message is stored. */

@@ -136,9 +136,10 @@ export function dataHandler(edge: EdgeContext): Pick<SMTPServerOptions, "onData"
         source: options.service,
         envelope: {
           mailFrom: tx.mailFrom,
-          rcptTo: recipients.map((address) => ({ address })),
+          rcptTo: recipients.map((address) => ({ address, ...tx.rcptDsn.get(address.toLowerCase()) })),
           smtputf8: tx.smtputf8,
           bodyType: tx.bodyType,
+          ...(tx.dsn ? { dsn: tx.dsn } : {}),
         },
         client: {
           ip: tx.client.ip,

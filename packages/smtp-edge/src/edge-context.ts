@@ -1,7 +1,7 @@
 // The state one edge's stages share (sessions, transactions, connection counts, the drain flag)
 // and the helpers each stage uses to run a hook, reply, refuse and end a transaction.
 import type { Bus } from "@mailpipe/bus";
-import { type Reply, replies, SmtpError } from "@mailpipe/contracts";
+import { type DsnNotify, type EnvelopeDsn, type Reply, replies, SmtpError } from "@mailpipe/contracts";
 import { attr, type Logger, type Span, SpanKind, SpanStatusCode, type Telemetry } from "@mailpipe/telemetry";
 import { type Context, context, type Tracer } from "@opentelemetry/api";
 import type { SMTPServer, SMTPServerSession } from "smtp-server";
@@ -19,6 +19,10 @@ export interface TxState {
     mailFrom: string;
     mailFromArgs: Record<string, string | true>;
     recipients: string[];
+    /** RFC 3461 RET and ENVID from MAIL */
+    dsn?: EnvelopeDsn;
+    /** RFC 3461 NOTIFY and ORCPT per accepted recipient (lower-cased address) */
+    rcptDsn: Map<string, { notify?: DsnNotify[]; original?: string }>;
     smtputf8: boolean;
     bodyType: "7BIT" | "8BITMIME";
     startedAt: Date;

@@ -11,8 +11,9 @@ export function ehloOptions(options: SmtpEdgeOptions, hooks: EdgeHooks): SMTPSer
     size: options.maxMessageSize,
     hideSize: false,
     hideENHANCEDSTATUSCODES: false,
-    // the pipeline does not honour DSN parameters or REQUIRETLS yet, so they are not offered
-    hideDSN: true,
+    // RFC 3461: smtp-server checks NOTIFY and RET values and ORCPT's form (501 5.5.4); mail-rcpt.ts
+    // decodes ENVID and ORCPT and carries them in the envelope. REQUIRETLS is not honoured yet.
+    hideDSN: false,
     hideREQUIRETLS: true,
     disabledCommands: hooks.auth ? [] : ["AUTH"],
     authMethods: ["PLAIN", "LOGIN"],

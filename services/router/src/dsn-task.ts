@@ -113,6 +113,7 @@ async function sendDsn(
     reportingMta: host,
     to: message.mailFrom,
     queueId: message.queueId,
+    ...(message.envid ? { envid: message.envid } : {}),
     arrivalDate: new Date(message.receivedAt),
     recipients: reported.map((r) => toDsnRecipient(r, action, until)),
     ...(headers ? { headers } : {}),

@@ -73,6 +73,19 @@ describe("DSN", () => {
     expect(built).toMatchObject({ eightBit: false, utf8Address: false });
   });
 
+  it("names the sender's ENVID in Original-Envelope-Id, first among the per-message fields", async () => {
+    const built = buildDsn({
+      ...base,
+      envid: "batch 7+a",
+      recipients: [{ finalRecipient: "x@remote.test", action: "failed", status: "5.1.1" }],
+    });
+    const { report } = await parse(built.raw);
+    expect(report.perMessage["original-envelope-id"]).toBe("batch 7+a");
+    expect(Object.keys(report.perMessage)[0]).toBe("original-envelope-id");
+    const without = await parse(buildDsn({ ...base, recipients: [] }).raw);
+    expect(without.report.perMessage["original-envelope-id"]).toBeUndefined();
+  });
+
   it("keeps every line CRLF-terminated and within 998 octets, and the report part 7-bit", async () => {
     const longText = `${"x".repeat(1500)} ${"word ".repeat(600)}déjà vu`;
     const built = buildDsn({

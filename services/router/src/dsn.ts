@@ -30,6 +30,8 @@ export interface DsnInput {
   to: string;
   /** the queue id of the message reported on */
   queueId: string;
+  /** RFC 3461 ENVID the sender gave (decoded) */
+  envid?: string;
   arrivalDate: Date;
   recipients: readonly DsnRecipient[];
   /** the original message's header block, as stored */
@@ -232,6 +234,8 @@ export function buildDsn(input: DsnInput): BuiltDsn {
 
   // part 2: for programs
   const perMessage = [
+    // RFC 3464 2.2.1: the sender's ENVID, decoded (it is printable ASCII, checked at MAIL)
+    ...(input.envid ? [foldField("Original-Envelope-Id", ascii(input.envid))] : []),
     foldField("Reporting-MTA", `dns; ${input.reportingMta}`),
     foldField("X-Mailpipe-Queue-ID", input.queueId),
     foldField("Arrival-Date", rfc5322Date(input.arrivalDate)),

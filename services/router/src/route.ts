@@ -84,6 +84,8 @@ export function createRouteHandler(ctx: RouterContext) {
           smtputf8: mail.envelope.smtputf8,
           bodyType: mail.envelope.bodyType,
           ...(mail.dsn ? { dsn: mail.dsn } : {}),
+          ...(mail.envelope.dsn?.envid ? { envid: mail.envelope.dsn.envid } : {}),
+          ...(mail.envelope.dsn?.ret ? { ret: mail.envelope.dsn.ret } : {}),
           notices,
         };
         const stored = await ctx.queue.createMessage(input, planned, now);
