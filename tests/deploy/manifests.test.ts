@@ -222,7 +222,13 @@ function kubectlKustomize(dir: string): K8s[] {
   return parseAllDocuments(r.stdout).map((d) => d.toJS() as K8s);
 }
 
-const RENDERS = ["base", "overlays/dev", "overlays/production", "overlays/lmtp"] as const;
+const RENDERS = [
+  "base",
+  "overlays/dev",
+  "overlays/production",
+  "overlays/lmtp",
+  "overlays/monitoring",
+] as const;
 /** Rendered once: with kubectl when installed (the real thing), else with build(). */
 const rendered = Object.fromEntries(
   RENDERS.map((r) => [r, hasKubectl ? kubectlKustomize(join(k8sDir, r)) : build(join(k8sDir, r))]),
@@ -420,6 +426,7 @@ describe.each(RENDERS)("rendered %s", (render) => {
       const model = MODELS[typeOf(o)];
       if (model) new model(o as never).validate();
       else if (typeOf(o) === SCALED_OBJECT) checkScaledObject(o as unknown as ScaledObject);
+      else if (typeOf(o).startsWith("monitoring.coreos.com/v1/")) checkMonitoring(o);
       else throw new Error(`unexpected kind ${typeOf(o)}`);
       if (o.kind !== "Namespace")
         expect(o.metadata.namespace, `${o.kind}/${o.metadata.name}`).toBe("mailpipe");
@@ -1146,6 +1153,27 @@ function metricNames(expr: string): string[] {
 }
 
 describe("monitoring component", () => {
+  it("renders into an overlay (production + monitoring) with kustomize", () => {
+    const objs = rendered["overlays/monitoring"];
+    const monitors = objs.filter((o) => o.kind === "ServiceMonitor");
+    expect(monitors.map((m) => m.metadata.name).sort()).toEqual(
+      ["delivery", "mda", "msa", "mx", "router"].map((s) => expect.stringContaining(s)),
+    );
+    expect(monitors.every((m) => m.metadata.namespace === "mailpipe")).toBe(true);
+    expect(objs.filter((o) => o.kind === "PrometheusRule")).toHaveLength(1);
+    expect(
+      objs.some(
+        (o) =>
+          o.kind === "ConfigMap" &&
+          (o.metadata as { labels?: Record<string, string> }).labels?.grafana_dashboard === "1",
+      ),
+    ).toBe(true);
+    // the production objects are all still there
+    expect(objs.filter((o) => o.kind === "Deployment").length).toBe(
+      rendered["overlays/production"].filter((o) => o.kind === "Deployment").length,
+    );
+  });
+
   const registered = registeredMetrics();
 
   it("the services register metric names that follow Prometheus conventions", () => {
