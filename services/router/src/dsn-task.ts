@@ -89,6 +89,16 @@ export async function runDsnTask(ctx: RouterContext, job: DsnJob): Promise<void>
   if (done.status === "ok" && done.finalized) observeFinal(ctx, job.queueId, done.finalized);
 }
 
+/** Largest original returned whole (RET=FULL); the report must fit the spool's attachment. */
+export const RET_FULL_MAX = 256 * 1024;
+
+async function readWhole(ctx: RouterContext, message: MessageRecord): Promise<Buffer> {
+  const stream = await ctx.bodies.read(message.body);
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks);
+}
+
 async function sendDsn(
   ctx: RouterContext,
   message: MessageRecord,
@@ -100,8 +110,16 @@ async function sendDsn(
   const action = kind === "failure" ? "failed" : "delayed";
   const until = kind === "delay" ? new Date(expiresAt(ctx.policy, message.receivedAt)) : undefined;
   let headers: Buffer | undefined;
+  let full: Buffer | undefined;
   try {
-    headers = await readHeaderBlock(ctx.bodies, message.body);
+    // RET=FULL returns the whole message with a failure report when it is small enough for the
+    // report to travel as its spool message's attachment; otherwise, and for RET=HDRS, delay
+    // notices and no RET, the headers only (RFC 3461 4.3 leaves the default to the MTA)
+    if (kind === "failure" && message.ret === "FULL" && message.body.size <= RET_FULL_MAX) {
+      full = await readWhole(ctx, message);
+    } else {
+      headers = await readHeaderBlock(ctx.bodies, message.body);
+    }
   } catch (err) {
     // the report still tells the sender what failed; only the returned headers are missing
     log.warn({ err: (err as Error).message }, "could not read the original headers for the DSN");
@@ -117,6 +135,7 @@ async function sendDsn(
     arrivalDate: new Date(message.receivedAt),
     recipients: reported.map((r) => toDsnRecipient(r, action, until)),
     ...(headers ? { headers } : {}),
+    ...(full ? { message: full } : {}),
     date: now,
     messageId: `${dsnQueueId}@${host}`,
   });

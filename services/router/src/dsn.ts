@@ -36,6 +36,8 @@ export interface DsnInput {
   recipients: readonly DsnRecipient[];
   /** the original message's header block, as stored */
   headers?: Buffer;
+  /** the whole original message (RET=FULL): returned as message/rfc822 instead of the headers */
+  message?: Buffer;
   /** this report's date and Message-ID (without < >) */
   date: Date;
   messageId: string;
@@ -164,6 +166,14 @@ function normaliseHeaders(headers: Buffer): { text: Buffer; eightBit: boolean } 
   return { text, eightBit: text.some((b) => b >= 0x80) };
 }
 
+/** The whole message with CRLF line endings (as stored it already has them; bare LF is mended). */
+function normaliseMessage(message: Buffer): { text: Buffer; eightBit: boolean } {
+  let text = message.toString("latin1").replace(/\r?\n/g, CRLF);
+  if (!text.endsWith(CRLF)) text += CRLF;
+  const buf = Buffer.from(text, "latin1");
+  return { text: buf, eightBit: buf.some((b) => b >= 0x80) };
+}
+
 function humanText(input: DsnInput): string {
   const intro =
     input.kind === "failure"
@@ -263,21 +273,35 @@ export function buildDsn(input: DsnInput): BuiltDsn {
   ].join(CRLF);
 
   // part 3: what was returned
-  const headers = input.headers ? normaliseHeaders(input.headers) : undefined;
-  const part3 = headers
+  const full = input.message ? normaliseMessage(input.message) : undefined;
+  const headers = !full && input.headers ? normaliseHeaders(input.headers) : undefined;
+  const part3 = full
     ? Buffer.concat([
         Buffer.from(
           [
-            "Content-Type: text/rfc822-headers",
-            "Content-Description: Undelivered Message Headers",
-            `Content-Transfer-Encoding: ${headers.eightBit ? "8bit" : "7bit"}`,
+            "Content-Type: message/rfc822",
+            "Content-Description: Undelivered Message",
+            `Content-Transfer-Encoding: ${full.eightBit ? "8bit" : "7bit"}`,
             "",
             "",
           ].join(CRLF),
         ),
-        headers.text,
+        full.text,
       ])
-    : undefined;
+    : headers
+      ? Buffer.concat([
+          Buffer.from(
+            [
+              "Content-Type: text/rfc822-headers",
+              "Content-Description: Undelivered Message Headers",
+              `Content-Transfer-Encoding: ${headers.eightBit ? "8bit" : "7bit"}`,
+              "",
+              "",
+            ].join(CRLF),
+          ),
+          headers.text,
+        ])
+      : undefined;
 
   const chunks: Buffer[] = [
     Buffer.from(`${head}${CRLF}${CRLF}This is a MIME-encapsulated message.${CRLF}${CRLF}`, "utf8"),
@@ -287,7 +311,11 @@ export function buildDsn(input: DsnInput): BuiltDsn {
     chunks.push(Buffer.from(`--${boundary}${CRLF}`), part3, Buffer.from(CRLF));
   }
   chunks.push(Buffer.from(`--${boundary}--${CRLF}`));
-  return { raw: Buffer.concat(chunks), eightBit: headers?.eightBit ?? false, utf8Address };
+  return {
+    raw: Buffer.concat(chunks),
+    eightBit: (full ?? headers)?.eightBit ?? false,
+    utf8Address,
+  };
 }
 
 /** Something that can stream a stored body (the bus's BodyStore). */
