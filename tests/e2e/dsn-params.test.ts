@@ -5,7 +5,7 @@ import { execFile } from "node:child_process";
 import { connect } from "node:net";
 import { promisify } from "node:util";
 import { type SmtpPeer, startSmtpPeer, waitFor } from "@mailpipe/testing";
-import { simpleParser } from "mailparser";
+import { type SimpleParserOptions, simpleParser } from "mailparser";
 import nodemailer, { type TransportOptions } from "nodemailer";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Pipeline, startPipeline } from "./harness.ts";
@@ -151,7 +151,7 @@ describe("DSN parameters in the report", () => {
       },
       { timeoutMs: 30_000, message: 'no failure DSN for "dsn asked" in alice\'s Maildir' },
     );
-    const parsed = await simpleParser(report, { keepDeliveryStatus: true } as never);
+    const parsed = await simpleParser(report, { keepDeliveryStatus: true } as SimpleParserOptions);
     const status = parsed.attachments.find((a) => a.contentType === "message/delivery-status");
     expect(status).toBeDefined();
     const fields = status!.content.toString();

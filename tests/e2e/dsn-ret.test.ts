@@ -1,7 +1,7 @@
 // RFC 3461 RET end to end: submitted over msa with RET=FULL or RET=HDRS (and ENVID, ORCPT), the
 // message fails at the next hop, and the report in the sender's Maildir returns what was asked.
 import { type SmtpPeer, startSmtpPeer, waitFor } from "@mailpipe/testing";
-import { simpleParser } from "mailparser";
+import { type SimpleParserOptions, simpleParser } from "mailparser";
 import nodemailer, { type TransportOptions } from "nodemailer";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Pipeline, startPipeline } from "./harness.ts";
@@ -62,7 +62,7 @@ async function reportFor(subject: string) {
     },
     { timeoutMs: 60_000, message: `no DSN for "${subject}" in alice's Maildir` },
   );
-  const mail = await simpleParser(raw, { keepDeliveryStatus: true } as never);
+  const mail = await simpleParser(raw, { keepDeliveryStatus: true } as SimpleParserOptions);
   const status = mail.attachments.find((a) => a.contentType === "message/delivery-status");
   return { mail, report: parseDeliveryStatus(status?.content.toString("utf8") ?? "") };
 }
