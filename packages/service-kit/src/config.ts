@@ -90,6 +90,10 @@ export const hostList = (defaultValue: string) =>
 export const baseConfig = z.object({
   NATS_URL: z.string().min(1).default("nats://127.0.0.1:4222"),
   REDIS_URL: z.string().min(1).default("redis://127.0.0.1:6379"),
+  /** host:port of Redis Sentinels (comma-separated); set, they name the master instead of REDIS_URL's host */
+  REDIS_SENTINELS: z.string().optional(),
+  REDIS_SENTINEL_NAME: z.string().min(1).default("mymaster"),
+  REDIS_SENTINEL_PASSWORD: z.string().optional(),
   MAIL_HOSTNAME: z.string().min(1).default(hostname()),
   HTTP_HOST: z.string().default("0.0.0.0"),
   HTTP_PORT: port(9090),

@@ -15,6 +15,7 @@ export {
 } from "./config.ts";
 export { type HealthServer, startHealthServer } from "./http.ts";
 export {
+  createRedis,
   type RunningService,
   runService,
   type ServiceContext,
