@@ -1134,6 +1134,8 @@ function metricNames(expr: string): string[] {
     "offset",
     "on",
     "ignoring",
+    "group_left",
+    "group_right",
     "bool",
     "le",
   ]);
@@ -1342,9 +1344,8 @@ describe("monitoring component", () => {
     expect(exprsOf(/Retries by destination/)).toMatch(/by \(destination\)/);
     expect(exprsOf(/filter/i)).toMatch(/mailpipe_filter_checks_total/);
     expect(registered.has("mailpipe_filter_checks_total")).toBe(true);
-    // no TLS metric exists: the panel says so instead of showing an empty graph
-    const tlsPanel = panels.find((p) => /TLS/.test(p.title));
-    expect(tlsPanel?.description).toMatch(/No metric exists/);
-    expect([...registered.keys()].filter((n) => /tls/.test(n))).toEqual([]);
+    // TLS share of delivered mail, from delivery's counter
+    expect(exprsOf(/TLS share/)).toMatch(/mailpipe_delivery_tls_recipients_total/);
+    expect(registered.has("mailpipe_delivery_tls_recipients_total")).toBe(true);
   });
 });

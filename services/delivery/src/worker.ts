@@ -113,6 +113,11 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
     ["outcome", "destination"],
   );
   const destinationLabel = boundedLabel(config.METRICS_MAX_DESTINATIONS);
+  const tlsDelivered = metrics.counter(
+    "delivery_tls_recipients_total",
+    'Recipients delivered, by the session\'s TLS: "none" (plain text), "encrypted" (certificate not verified), "verified"',
+    ["tls"],
+  );
   const transactionSeconds = metrics.histogram(
     "delivery_transaction_seconds",
     "Time per delivery request, every address tried included",
@@ -212,6 +217,9 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
     for (const r of results) {
       const attempt = request.recipients.find((x) => x.address === r.address)?.attempt;
       outcomes.inc({ outcome: r.outcome, destination: destinationLabel(destination) });
+      if (r.outcome === "delivered") {
+        tlsDelivered.inc({ tls: !r.tls?.version ? "none" : r.tls.verified ? "verified" : "encrypted" });
+      }
       bus.emit({
         type: r.outcome,
         queueId: request.queueId,
