@@ -375,7 +375,13 @@ export async function ensurePortsFree(uses: PortUse[], host: string): Promise<vo
   const taken: string[] = [];
   for (const use of uses) {
     const protocol = use.protocol ?? "tcp";
-    if (await portFree(use.port, host, protocol)) continue;
+    // a process just stopped (what an earlier npm start left running) may take a moment to let go
+    let free = await portFree(use.port, host, protocol);
+    for (let i = 0; !free && i < 15; i++) {
+      await new Promise((r) => setTimeout(r, 200));
+      free = await portFree(use.port, host, protocol);
+    }
+    if (free) continue;
     taken.push(
       `${protocol === "udp" ? "UDP " : ""}port ${use.port} (${use.what}) is taken by ${await portHolder(use.port, protocol)}: stop it, or set ${use.setting}`,
     );
