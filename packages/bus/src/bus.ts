@@ -27,7 +27,13 @@ import { BodyStore } from "./body-store.ts";
 import { BusConnectError, BusError, describeConnectError } from "./errors.ts";
 import { ATTACHMENT_OFFSET, natsHeaderGetter, natsHeaderSetter, splitPayload } from "./headers.ts";
 import { JsPublisher, NoStreamError, PublishTimeoutError } from "./js-publisher.ts";
-import { defaultTopologySettings, ensureConsumer, ensureStream, type TopologySettings } from "./topology.ts";
+import {
+  defaultTopologySettings,
+  ensureConsumer,
+  ensureStream,
+  type TopologySettings,
+  whileUnavailable,
+} from "./topology.ts";
 
 export interface BusOptions {
   /** comma-separated list of nats:// URLs (credentials may be in the URL) */
@@ -250,11 +256,13 @@ export class Bus {
   }
 
   async bodies(): Promise<BodyStore> {
-    this.#bodies ??= await BodyStore.open(this.js, this.jsm, topology.bodyBucket, {
-      ttlMs: this.settings.bodyTtlMs,
-      replicas: this.settings.replicas,
-      warn: (note) => this.#telemetry.log.warn(note),
-    });
+    this.#bodies ??= await whileUnavailable(() =>
+      BodyStore.open(this.js, this.jsm, topology.bodyBucket, {
+        ttlMs: this.settings.bodyTtlMs,
+        replicas: this.settings.replicas,
+        warn: (note) => this.#telemetry.log.warn(note),
+      }),
+    );
     return this.#bodies;
   }
 
@@ -390,7 +398,7 @@ export class Bus {
       maxAckPending: opts.maxAckPending ?? Math.max(1000, maxInFlight * 16),
       replicas: this.settings.replicas,
     });
-    const consumer = await this.js.consumers.get(stream, durable);
+    const consumer = await whileUnavailable(() => this.js.consumers.get(stream, durable));
     this.#consumers.set(durable, consumer);
     this.#lagGauges();
     // Pull only as many messages as there are free slots: a message waiting in a client-side

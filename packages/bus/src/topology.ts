@@ -38,6 +38,38 @@ function isApiError(err: unknown, code: number): boolean {
   return err instanceof JetStreamApiError && err.code === code;
 }
 
+/** "JetStream system temporarily unavailable": a clustered asset without a leader for a moment. */
+const TEMPORARILY_UNAVAILABLE = 10008;
+
+/**
+ * Whether JetStream may answer the same request a moment later: no leader yet (after a node loss,
+ * or while a stream or consumer gains replicas), or an API request that timed out meanwhile.
+ */
+export function isTransient(err: unknown): boolean {
+  const e = err instanceof BusError && err.cause ? err.cause : err;
+  if (e instanceof JetStreamApiError) return e.code === TEMPORARILY_UNAVAILABLE || e.status === 503;
+  return e instanceof Error && e.name === "TimeoutError";
+}
+
+/**
+ * Runs a JetStream management step again while it fails transiently, for up to `forMs`; other
+ * errors, and the last transient one, are thrown as they are.
+ */
+export async function whileUnavailable<T>(
+  step: () => Promise<T>,
+  { forMs = 30_000, firstPauseMs = 250 }: { forMs?: number; firstPauseMs?: number } = {},
+): Promise<T> {
+  const until = Date.now() + forMs;
+  for (let pause = firstPauseMs; ; pause = Math.min(pause * 2, 2000)) {
+    try {
+      return await step();
+    } catch (err) {
+      if (!isTransient(err) || Date.now() + pause > until) throw err;
+      await new Promise((resolve) => setTimeout(resolve, pause));
+    }
+  }
+}
+
 type StreamDef = { name: string; subjects: readonly string[]; kind: "workqueue" | "limits" | "spool" };
 
 function streamConfig(def: StreamDef, s: TopologySettings): Partial<StreamConfig> & { name: string } {
@@ -64,7 +96,11 @@ function streamConfig(def: StreamDef, s: TopologySettings): Partial<StreamConfig
  * replicas than `s.replicas` is raised to it (JetStream copies the data to the new peers); one
  * with more is kept as it is, and the returned notes say so (for the log).
  */
-export async function ensureStream(
+export function ensureStream(jsm: JetStreamManager, key: StreamKey, s: TopologySettings): Promise<string[]> {
+  return whileUnavailable(() => ensureStreamOnce(jsm, key, s));
+}
+
+async function ensureStreamOnce(
   jsm: JetStreamManager,
   key: StreamKey,
   s: TopologySettings,
@@ -142,8 +178,19 @@ export interface ConsumerSettings {
   replicas?: number;
 }
 
-/** Creates or updates a durable pull consumer from the design's table. */
-export async function ensureConsumer(
+/**
+ * Creates or updates a durable pull consumer from the design's table. A cluster that has no leader
+ * for it for a moment (a node lost, replicas being raised) is asked again, for up to 30 s.
+ */
+export function ensureConsumer(
+  jsm: JetStreamManager,
+  key: ConsumerKey,
+  settings: ConsumerSettings,
+): Promise<{ stream: string; durable: string }> {
+  return whileUnavailable(() => ensureConsumerOnce(jsm, key, settings));
+}
+
+async function ensureConsumerOnce(
   jsm: JetStreamManager,
   key: ConsumerKey,
   { ackWaitMs, maxAckPending, replicas = 1 }: ConsumerSettings,
