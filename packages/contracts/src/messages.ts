@@ -67,7 +67,7 @@ export const QueuedMail = z.strictObject({
   /** the header Message-ID, for tracking */
   messageId: z.string().max(998).optional(),
   /** set on DSNs: which message and which kind of report */
-  dsn: z.strictObject({ of: QueueId, kind: z.enum(["failure", "delay"]) }).optional(),
+  dsn: z.strictObject({ of: QueueId, kind: z.enum(["failure", "delay", "success"]) }).optional(),
 });
 export type QueuedMail = z.infer<typeof QueuedMail>;
 
@@ -139,11 +139,22 @@ export const RemoteDeliveryRequest = z.strictObject({
     hosts: z.array(MxHost).min(1),
   }),
   recipients: z
-    .array(z.strictObject({ address: Address, original: Address.optional(), attempt: Attempt }))
+    .array(
+      z.strictObject({
+        address: Address,
+        /** the address the sender used (ORCPT, or the alias): relayed as ORCPT */
+        original: Address.optional(),
+        /** the sender's RFC 3461 NOTIFY for this recipient: relayed when the next hop has DSN */
+        notify: z.array(DsnNotify).min(1).optional(),
+        attempt: Attempt,
+      }),
+    )
     .min(1)
     .max(1000),
   smtputf8: z.boolean(),
   bodyType: z.enum(["7BIT", "8BITMIME"]),
+  /** the sender's RFC 3461 RET and ENVID: relayed when the next hop has DSN */
+  dsn: EnvelopeDsn.optional(),
   body: BodyRef,
   /** the destination slot the router took for this transaction (absent: no limit applies) */
   slot: RequestSlot.optional(),
@@ -178,6 +189,12 @@ export const RecipientStatus = z.strictObject({
   destination: Domain.optional(),
   /** the request's destination slot: the router releases it with this status */
   slot: SlotRef.optional(),
+  /**
+   * delivered, with NOTIFY=SUCCESS, to a next hop that advertised DSN and got the sender's
+   * NOTIFY/ORCPT/RET/ENVID passed on: the success notice is the next hop's to send (RFC 3461
+   * 5.2.1), not ours. Set only for recipients that asked for success notices.
+   */
+  dsnRelayed: z.literal(true).optional(),
 });
 export type RecipientStatus = z.infer<typeof RecipientStatus>;
 

@@ -236,6 +236,33 @@ describe("message state", () => {
     expect(last).toEqual({ status: "ok", finalized: m.receivedAt });
   });
 
+  it("a delivery joins the report only when its recipient asked (NOTIFY=SUCCESS) and a notice is owed", async () => {
+    const q = new MailQueue(client(), { dsnBatchDelayMs: 0 });
+    const m = message();
+    await q.createMessage(m, [
+      remote("asked@remote.test", { notifySuccess: true }),
+      remote("default@remote.test"),
+      remote("passed@remote.test", { notifySuccess: true }),
+    ]);
+    const now = Date.now();
+    const ok = { lastReply: replies.delivered(), lastAttemptAt: new Date(now).toISOString() };
+    const finish = (address: string, dsn: boolean) =>
+      q.finishByAddress(m.queueId, address, "remote", 1, "delivered", ok, { dsn, now });
+    expect(await finish("asked@remote.test", true)).toMatchObject({ status: "ok", dsnQueued: true });
+    expect(await finish("default@remote.test", true)).toMatchObject({ status: "ok", dsnQueued: false });
+    // the next hop took the DSN request over: the router asks for no notice
+    expect(await finish("passed@remote.test", false)).toMatchObject({ status: "ok", dsnQueued: false });
+    expect(await q.pendingFinalReports(m.queueId)).toEqual(["r:asked@remote.test"]);
+    const [task] = await q.claim(now, 10, 60_000);
+    expect(task).toMatchObject({ kind: "dsn", dsnKind: "failure", queueId: m.queueId });
+    // the message waits for its report before it is final
+    expect(await q.getMessage(m.queueId)).not.toBeNull();
+    expect(await q.completeDsn(task!, "failure", ["r:asked@remote.test"], now)).toEqual({
+      status: "ok",
+      finalized: m.receivedAt,
+    });
+  });
+
   it("queues the delay notice once per message, and never for a message that allows no DSNs", async () => {
     const q = new MailQueue(client());
     const m = message();

@@ -290,8 +290,8 @@ export class MailQueue {
     return v ? parseRecipient(v) : null;
   }
 
-  /** Recipients (rids) of a message waiting to be reported in its failure DSN. */
-  async pendingFailureReports(queueId: string): Promise<string[]> {
+  /** Recipients (rids) waiting for their final report: failed, or delivered with NOTIFY=SUCCESS. */
+  async pendingFinalReports(queueId: string): Promise<string[]> {
     return this.redis.smembers(`${this.prefix}b:${queueId}`);
   }
 
@@ -767,7 +767,7 @@ export class MailQueue {
       ...(f.traceparent ? { traceparent: f.traceparent } : {}),
       smtputf8: f.smtputf8 === "1",
       bodyType: f.bodyType === "8BITMIME" ? "8BITMIME" : "7BIT",
-      ...(f.dsnOf && (f.dsnKind === "failure" || f.dsnKind === "delay")
+      ...(f.dsnOf && (f.dsnKind === "failure" || f.dsnKind === "delay" || f.dsnKind === "success")
         ? { dsn: { of: f.dsnOf, kind: f.dsnKind } }
         : {}),
       notices: f.notices === "1",

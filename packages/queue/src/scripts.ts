@@ -63,7 +63,15 @@ local function drop_job(id)
   redis.call("DEL", jkey(id))
 end
 
--- one failure-DSN job per message; bounces arriving while it waits (or runs) join it
+-- whether the sender asked to hear of the recipient's final state (RFC 3461 NOTIFY): failures by
+-- default, successes only with NOTIFY=SUCCESS (records from before it have no notifySuccess)
+local function wants_report(r)
+  if r.state == "delivered" then return r.notifySuccess == true end
+  return r.notifyFailure == true
+end
+
+-- one failure-DSN job per message; bounces (and successes with NOTIFY=SUCCESS) arriving while it
+-- waits (or runs) join it, and the task sends a failure report and a success report as needed
 local function ensure_failure_dsn(q, due)
   local id = q .. ":dsn-failure"
   if redis.call("EXISTS", jkey(id)) == 0 then
@@ -135,7 +143,8 @@ return out
 `;
 
 /**
- * ARGV: prefix, queueId, rid, expectedAttempt, state, patchJson, dsn ("1" to report it), now,
+ * ARGV: prefix, queueId, rid, expectedAttempt, state, patchJson, dsn ("1" to report it, when the
+ * recipient's NOTIFY asks for this state), now,
  * dsnBatchDelayMs, tombstoneTtlMs
  * Returns {"missing"} | {"stale", recipientJson} | {"ok", recipientJson, finalizedReceivedAt|"", dsnQueued}
  */
@@ -154,7 +163,7 @@ redis.call("HSET", rk, rid, encoded)
 redis.call("HINCRBY", mk, "open", -1)
 drop_job(q .. ":" .. rid)
 local queued = "0"
-if ARGV[7] == "1" and r.notifyFailure and redis.call("HGET", mk, "notices") == "1" then
+if ARGV[7] == "1" and wants_report(r) and redis.call("HGET", mk, "notices") == "1" then
   redis.call("SADD", bkey(q), rid)
   ensure_failure_dsn(q, tonumber(now) + tonumber(ARGV[9]))
   queued = "1"
@@ -198,7 +207,7 @@ redis.call("HSET", rk, rid, encoded)
 redis.call("HINCRBY", mk, "open", -1)
 drop_job(q .. ":" .. rid)
 local queued = "0"
-if ARGV[8] == "1" and r.notifyFailure and redis.call("HGET", mk, "notices") == "1" then
+if ARGV[8] == "1" and wants_report(r) and redis.call("HGET", mk, "notices") == "1" then
   redis.call("SADD", bkey(q), rid)
   ensure_failure_dsn(q, tonumber(now) + tonumber(ARGV[10]))
   queued = "1"

@@ -1,4 +1,4 @@
-import type { BodyRef, Reply } from "@mailpipe/contracts";
+import type { BodyRef, DsnNotify, Reply } from "@mailpipe/contracts";
 
 export type RecipientState = "pending" | "delivered" | "bounced" | "expired";
 export type FinalState = Exclude<RecipientState, "pending">;
@@ -31,9 +31,13 @@ export interface RecipientRecord {
    * copies is rewritten with SRS (when the directory configures it) so that SPF passes there.
    */
   forwardedBy?: string;
-  /** RFC 3461 NOTIFY: report failures / delays for this recipient */
+  /** RFC 3461 NOTIFY: report failures / delays / successes for this recipient */
   notifyFailure: boolean;
   notifyDelay: boolean;
+  /** absent on records written before success notices existed (then: false) */
+  notifySuccess?: boolean;
+  /** NOTIFY as the sender gave it, when given: passed on to a next hop that has DSN */
+  notify?: DsnNotify[];
 }
 
 /** What the router records about a message when it first routes it. */
@@ -52,7 +56,7 @@ export interface MessageInput {
   smtputf8: boolean;
   bodyType: "7BIT" | "8BITMIME";
   /** set when the message is itself a DSN */
-  dsn?: { of: string; kind: "failure" | "delay" };
+  dsn?: { of: string; kind: "failure" | "delay" | "success" };
   /** whether DSNs may be sent for this message (false for the null sender and for DSNs) */
   notices: boolean;
   /** RFC 3461 ENVID (decoded): the report's Original-Envelope-Id */
@@ -102,7 +106,7 @@ export type FinishResult = (
       recipient: RecipientRecord;
       /** the message became final with this: its receivedAt (ISO) */
       finalized?: string;
-      /** a failure DSN will report this recipient */
+      /** a DSN will report this recipient (a failure, or a success with NOTIFY=SUCCESS) */
       dsnQueued: boolean;
     }
 ) & {

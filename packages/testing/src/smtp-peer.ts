@@ -59,6 +59,12 @@ export interface PeerMessage {
   remoteAddress: string;
   /** Index of the transaction, as in PeerContext. */
   transaction: number;
+  /**
+   * The MAIL and RCPT parameters as smtp-server parsed them (e.g. `{ RET: "HDRS" }`, and per
+   * recipient `{ NOTIFY: "SUCCESS", ORCPT: "rfc822;a@b" }`); DSN's need `smtpOptions.hideDSN: false`.
+   */
+  mailParams: Record<string, unknown>;
+  rcptParams: Record<string, Record<string, unknown>>;
 }
 
 export interface StartSmtpPeerOptions {
@@ -290,6 +296,12 @@ export async function startSmtpPeer(options: StartSmtpPeerOptions = {}): Promise
           callback(replyError(552, `5.3.4 Message size exceeds fixed limit of ${options.size} bytes`));
           return;
         }
+        const paramsOf = (a: { args?: unknown } | false | undefined) =>
+          a && typeof a.args === "object" && a.args !== null
+            ? { ...(a.args as Record<string, unknown>) }
+            : {};
+        const mailParams = paramsOf(session.envelope.mailFrom);
+        const rcptParams = Object.fromEntries(session.envelope.rcptTo.map((r) => [r.address, paramsOf(r)]));
         decide({ ...ctx, message: raw }, (outcome) => {
           transactionEnds(sessions.get(session.id));
           if (!outcome.accept) return callback(replyError(outcome.code, outcome.text));
@@ -303,6 +315,8 @@ export async function startSmtpPeer(options: StartSmtpPeerOptions = {}): Promise
             at: new Date(),
             remoteAddress: ctx.remoteAddress,
             transaction: ctx.transaction,
+            mailParams,
+            rcptParams,
           });
           for (const wake of waiters) wake();
           callback(null, outcome.text);

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { replyFromResponse } from "./smtp-session.ts";
+import { rcptDsnArgs, replyFromResponse, xtext } from "./smtp-session.ts";
 import { outcomeOf } from "./transaction.ts";
 
 describe("remote replies", () => {
@@ -21,5 +21,29 @@ describe("remote replies", () => {
     expect(outcomeOf({ code: 250, enhanced: "2.0.0", text: "" })).toBe("delivered");
     expect(outcomeOf({ code: 452, enhanced: "4.2.2", text: "" })).toBe("deferred");
     expect(outcomeOf({ code: 552, enhanced: "5.2.2", text: "" })).toBe("bounced");
+  });
+});
+
+describe("RFC 3461 parameters passed on", () => {
+  it("writes xtext: +, = and octets outside ! to ~ as +HH", () => {
+    expect(xtext("env 3+x=y")).toBe("env+203+2Bx+3Dy");
+    expect(xtext("plain-id.1")).toBe("plain-id.1");
+    expect(xtext("é")).toBe("+C3+A9");
+  });
+
+  it("adds each recipient's own NOTIFY and ORCPT to its RCPT line", () => {
+    const params = new Map([
+      ["a@remote.test", { notify: ["SUCCESS", "FAILURE"] as const, original: "a+b@old.test" }],
+      ["b@remote.test", { notify: ["NEVER"] as const }],
+      ["c@remote.test", { original: "é@old.test" }],
+    ]);
+    expect(rcptDsnArgs("RCPT TO:<a@remote.test>", params)).toBe(
+      " NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a+2Bb@old.test",
+    );
+    expect(rcptDsnArgs("RCPT TO:<b@remote.test>", params)).toBe(" NOTIFY=NEVER");
+    // rfc822 addresses are ASCII: a non-ASCII original goes without ORCPT
+    expect(rcptDsnArgs("RCPT TO:<c@remote.test>", params)).toBe("");
+    expect(rcptDsnArgs("RCPT TO:<d@remote.test>", params)).toBe("");
+    expect(rcptDsnArgs("RCPT TO:<a@remote.test>", undefined)).toBe("");
   });
 });

@@ -6,7 +6,7 @@ import type { X509Certificate } from "node:crypto";
 import type net from "node:net";
 import type { Readable } from "node:stream";
 import type { TLSSocket } from "node:tls";
-import { parseRemoteReply, type Reply, replies } from "@mailpipe/contracts";
+import { type DsnNotify, type EnvelopeDsn, parseRemoteReply, type Reply, replies } from "@mailpipe/contracts";
 import SMTPConnection from "nodemailer/lib/smtp-connection";
 import type { TlsResult } from "./tls-check.ts";
 
@@ -127,6 +127,18 @@ export interface SessionEnvelope {
   eightBitMime: boolean;
   /** send SMTPUTF8 even when every address is ASCII (the caller checked the server supports it) */
   smtputf8: boolean;
+  /**
+   * The sender's RFC 3461 parameters, passed on when the server advertises DSN: RET and ENVID on
+   * MAIL, and NOTIFY and ORCPT on each recipient's RCPT (keyed by the address in `to`).
+   */
+  dsn?: { envelope?: EnvelopeDsn | undefined; recipients: ReadonlyMap<string, RecipientDsn> };
+}
+
+/** One recipient's RFC 3461 RCPT parameters. */
+export interface RecipientDsn {
+  notify?: readonly DsnNotify[] | undefined;
+  /** the original recipient address (ORCPT=rfc822;...) */
+  original?: string | undefined;
 }
 
 export interface SendResult {
@@ -134,6 +146,8 @@ export interface SendResult {
   rejected: RecipientReply[];
   /** the reply to the end of data */
   reply: Reply;
+  /** the server advertised DSN, so the sender's DSN parameters went with the transaction */
+  dsnRelayed: boolean;
 }
 
 export type Extension = "8BITMIME" | "SMTPUTF8" | "PIPELINING" | "SIZE" | "DSN";
@@ -227,6 +241,8 @@ export class SmtpSession {
   readonly #timeouts: SessionTimeouts;
   #stage: Stage = "greeting";
   #forceSmtpUtf8 = false;
+  /** the RCPT parameters of the transaction under way, by address */
+  #rcptDsn: ReadonlyMap<string, RecipientDsn> | undefined;
   #lastError: ClientError | undefined;
 
   private constructor(conn: SMTPConnection, o: OpenOptions) {
@@ -344,15 +360,27 @@ export class SmtpSession {
   /** One transaction: MAIL, RCPT per recipient, DATA with `body`. Rejects with SmtpFailure. */
   send(envelope: SessionEnvelope, body: Readable): Promise<SendResult> {
     this.#forceSmtpUtf8 = envelope.smtputf8;
+    const dsn = envelope.dsn && this.supports("DSN") ? envelope.dsn : undefined;
+    this.#rcptDsn = dsn?.recipients;
+    const mailDsn = dsn?.envelope && (dsn.envelope.ret || dsn.envelope.envid) ? dsn.envelope : undefined;
     // nodemailer pipes the body once the server said 354: from then on the data timers apply
     body.once("resume", () => this.#enter("message", this.#timeouts.dataBlockMs));
     body.once("end", () => this.#enter("end of data", this.#timeouts.dataDoneMs));
     return this.#settle<SendResult>((resolve, reject) => {
       this.#conn.send(
-        { from: envelope.from, to: envelope.to, size: envelope.size, use8BitMime: envelope.eightBitMime },
+        {
+          from: envelope.from,
+          to: envelope.to,
+          size: envelope.size,
+          use8BitMime: envelope.eightBitMime,
+          // RET and ENVID (nodemailer writes them on MAIL when the server has DSN); NOTIFY and
+          // ORCPT differ per recipient, so #hookCommands writes them on each RCPT
+          ...(mailDsn ? { dsn: { ...mailDsn } } : {}),
+        },
         body,
         (err, info) => {
           this.#forceSmtpUtf8 = false;
+          this.#rcptDsn = undefined;
           if (err || !info) {
             reject(err ?? new Error("send finished without a result"));
             return;
@@ -364,6 +392,7 @@ export class SmtpSession {
             accepted: info.accepted,
             rejected: this.#recipientReplies(info.rejectedErrors ?? []),
             reply: replyFromResponse(info.response) ?? replies.delivered(),
+            dsnRelayed: dsn !== undefined,
           });
         },
       );
@@ -443,6 +472,7 @@ export class SmtpSession {
           this.#enter("MAIL", t.commandMs);
           break;
         case "RCPT":
+          line += rcptDsnArgs(line, this.#rcptDsn);
           this.#enter("RCPT", t.commandMs);
           break;
         case "DATA": {
@@ -537,6 +567,37 @@ export class SmtpSession {
         return t.commandMs;
     }
   }
+}
+
+/** RFC 3461 4: xtext, every octet outside "!".."~", and "+" and "=", as +HH. */
+export function xtext(value: string): string {
+  let out = "";
+  for (const byte of Buffer.from(value, "utf8")) {
+    out +=
+      byte < 0x21 || byte > 0x7e || byte === 0x2b || byte === 0x3d
+        ? `+${byte.toString(16).toUpperCase().padStart(2, "0")}`
+        : String.fromCharCode(byte);
+  }
+  return out;
+}
+
+// biome-ignore lint/suspicious/noControlCharactersInRegex: the ASCII range is the point
+const ASCII_ONLY = /^[\x00-\x7f]*$/;
+
+/**
+ * " NOTIFY=... ORCPT=rfc822;..." for the recipient a RCPT line names, or "". A non-ASCII original
+ * address gets no ORCPT: rfc822 addresses are ASCII, and RFC 6533's utf-8 type is not written.
+ */
+export function rcptDsnArgs(line: string, params: ReadonlyMap<string, RecipientDsn> | undefined): string {
+  if (!params) return "";
+  const address = /^RCPT TO:<([^>]*)>/i.exec(line)?.[1];
+  if (address === undefined) return "";
+  const p = params.get(address) ?? params.get(address.toLowerCase());
+  if (!p) return "";
+  let args = "";
+  if (p.notify) args += ` NOTIFY=${p.notify.join(",")}`;
+  if (p.original && ASCII_ONLY.test(p.original)) args += ` ORCPT=rfc822;${xtext(p.original)}`;
+  return args;
 }
 
 /** The TLS library's reason without nodemailer's prefixes ("Error initiating TLS - ..."). */

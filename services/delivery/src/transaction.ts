@@ -14,7 +14,7 @@ import {
 import { lazyBody } from "./body-stream.ts";
 import type { Acquired, Connector, Target } from "./connector.ts";
 import { type DestinationTls, OPPORTUNISTIC_ONLY, type OutboundTls } from "./outbound-tls.ts";
-import { SmtpFailure } from "./smtp-session.ts";
+import { type RecipientDsn, type SessionEnvelope, SmtpFailure } from "./smtp-session.ts";
 import type { TlsResult } from "./tls-check.ts";
 
 export interface RecipientResult {
@@ -25,6 +25,11 @@ export interface RecipientResult {
   remoteMta: string | undefined;
   /** the TLS policy and session of the host that gave the reply */
   tls?: TlsResult;
+  /**
+   * delivered with NOTIFY=SUCCESS to a next hop that took the sender's DSN parameters: the success
+   * notice is its to send
+   */
+  dsnRelayed?: true;
 }
 
 export interface TransactionDeps {
@@ -223,17 +228,32 @@ async function attemptOnce(
         size: request.body.size,
         eightBitMime: request.bodyType === "8BITMIME",
         smtputf8: needsSmtpUtf8,
+        dsn: dsnParameters(request),
       },
       body,
     );
     deps.connector.release(acquired);
     setReply(span, sent.reply);
     const refused = new Map(sent.rejected.map((r) => [r.address, r.reply]));
+    // the router needs to know only for recipients that asked for a success notice
+    const asksSuccess = new Set(
+      request.recipients.filter((r) => r.notify?.includes("SUCCESS")).map((r) => r.address),
+    );
     return {
       kind: "done",
       results: addresses.map((address) => {
         const r = refused.get(address) ?? sent.reply;
-        return { address, outcome: outcomeOf(r), reply: r, remoteMta, tls: acquired.tls };
+        const outcome = outcomeOf(r);
+        return {
+          address,
+          outcome,
+          reply: r,
+          remoteMta,
+          tls: acquired.tls,
+          ...(sent.dsnRelayed && outcome === "delivered" && asksSuccess.has(address)
+            ? { dsnRelayed: true as const }
+            : {}),
+        };
       }),
     };
   } catch (err) {
@@ -260,6 +280,15 @@ async function attemptOnce(
       permanent: failure.kind === "size" || (failure.stage === "MAIL" && failure.reply.code >= 500),
     };
   }
+}
+
+/** The sender's RFC 3461 parameters for the session to pass on (it does when the server has DSN). */
+function dsnParameters(request: RemoteDeliveryRequest): SessionEnvelope["dsn"] {
+  const recipients = new Map<string, RecipientDsn>();
+  for (const r of request.recipients) {
+    if (r.notify || r.original) recipients.set(r.address, { notify: r.notify, original: r.original });
+  }
+  return { envelope: request.dsn, recipients };
 }
 
 /**

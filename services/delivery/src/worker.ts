@@ -185,6 +185,7 @@ export function createWorker(deps: WorkerDeps): DeliveryWorker {
       ...(r.remoteMta ? { remoteMta: r.remoteMta } : {}),
       // the router releases the request's destination slot with its status
       ...(request.slot ? { slot: { site: request.slot.site, token: request.slot.token } } : {}),
+      ...(r.dsnRelayed ? { dsnRelayed: true as const } : {}),
     };
     for (let i = 0; ; i++) {
       try {

@@ -34,6 +34,15 @@ export interface DispatchMessage {
   attachment?: Buffer;
   smtputf8: boolean;
   bodyType: "7BIT" | "8BITMIME";
+  /** RFC 3461 ENVID and RET, when the sender gave them: remote requests pass them on */
+  envid?: string | undefined;
+  ret?: "FULL" | "HDRS" | undefined;
+}
+
+/** The sender's RET and ENVID for a remote request, when it gave any. */
+function envelopeDsn(msg: DispatchMessage): Pick<RemoteDeliveryRequest, "dsn"> {
+  if (!msg.envid && !msg.ret) return {};
+  return { dsn: { ...(msg.ret ? { ret: msg.ret } : {}), ...(msg.envid ? { envid: msg.envid } : {}) } };
 }
 
 /** One request published: its dispatch id, where MAIL_DELIVER stored it, and the recipients in it. */
@@ -213,10 +222,12 @@ export async function publishRemote(
       recipients: part.map((r) => ({
         address: r.address,
         ...(r.original && r.original !== r.address ? { original: r.original } : {}),
+        ...(r.notify ? { notify: r.notify } : {}),
         attempt: r.attempt,
       })),
       smtputf8: msg.smtputf8,
       bodyType: msg.bodyType,
+      ...envelopeDsn(msg),
       body: msg.body,
       ...(slot ? { slot } : {}),
     };

@@ -6,14 +6,21 @@ import type { DsnJob, MessageRecord, RecipientRecord } from "@mailpipe/queue";
 import { attr, inSpan, SpanKind } from "@mailpipe/telemetry";
 import { context } from "@opentelemetry/api";
 import type { RouterContext } from "./deps.ts";
-import { buildDsn, type DsnRecipient, dsnStatus, readHeaderBlock } from "./dsn.ts";
+import {
+  buildDsn,
+  type DsnAction,
+  type DsnKind,
+  type DsnRecipient,
+  dsnStatus,
+  readHeaderBlock,
+} from "./dsn.ts";
 import { observeFinal } from "./outcomes.ts";
 import { expiresAt } from "./retry-policy.ts";
 import { contextFromTraceparent } from "./trace.ts";
 
 function toDsnRecipient(
   r: RecipientRecord,
-  action: "failed" | "delayed",
+  action: DsnAction,
   willRetryUntil: Date | undefined,
 ): DsnRecipient {
   return {
@@ -29,10 +36,13 @@ function toDsnRecipient(
   };
 }
 
-/** Which recipients a DSN of this kind reports, now. */
+/**
+ * Which recipients a DSN of this kind reports, now. The "failure" task reports every final state
+ * the recipients asked to hear of: failures, and deliveries with NOTIFY=SUCCESS.
+ */
 async function choose(ctx: RouterContext, job: DsnJob, recipients: RecipientRecord[]): Promise<string[]> {
   if (job.dsnKind === "failure") {
-    const waiting = new Set(await ctx.queue.pendingFailureReports(job.queueId));
+    const waiting = new Set(await ctx.queue.pendingFinalReports(job.queueId));
     return recipients.filter((r) => waiting.has(r.rid)).map((r) => r.rid);
   }
   // a delay notice covers the recipients still waiting that have been deferred at least once
@@ -57,18 +67,27 @@ export async function runDsnTask(ctx: RouterContext, job: DsnJob): Promise<void>
   const chosen = job.prepared.dsnQueueId ? [] : await choose(ctx, job, state.recipients);
   const prepared = await ctx.queue.prepareTask(job, {
     dsnQueueId: newQueueId(),
+    successQueueId: newQueueId(),
     rids: JSON.stringify(chosen),
   });
   if (!prepared) {
     log.warn({ job: job.id }, "DSN task lease lost: another router has it");
     return;
   }
-  const dsnQueueId = prepared.dsnQueueId!;
   const rids = JSON.parse(prepared.rids ?? "[]") as string[];
   const byRid = new Map(state.recipients.map((r) => [r.rid, r]));
   const reported = rids.map((rid) => byRid.get(rid)).filter((r): r is RecipientRecord => r !== undefined);
+  const delivered = reported.filter((r) => r.state === "delivered");
+  const reports: [DsnKind, string, RecipientRecord[]][] =
+    job.dsnKind === "delay"
+      ? [["delay", prepared.dsnQueueId!, reported]]
+      : [
+          ["failure", prepared.dsnQueueId!, reported.filter((r) => r.state !== "delivered")],
+          ["success", prepared.successQueueId!, delivered],
+        ];
 
-  if (reported.length > 0 && message.notices && message.mailFrom !== "") {
+  for (const [kind, dsnQueueId, list] of reports) {
+    if (list.length === 0 || !message.notices || message.mailFrom === "") continue;
     await context.with(contextFromTraceparent(message.traceparent), () =>
       inSpan(
         tracer,
@@ -77,11 +96,11 @@ export async function runDsnTask(ctx: RouterContext, job: DsnJob): Promise<void>
           kind: SpanKind.PRODUCER,
           attributes: {
             [attr.queueId]: job.queueId,
-            [attr.outcome]: job.dsnKind,
-            [attr.recipientCount]: reported.length,
+            [attr.outcome]: kind,
+            [attr.recipientCount]: list.length,
           },
         },
-        () => sendDsn(ctx, message, job.dsnKind, dsnQueueId, reported),
+        () => sendDsn(ctx, message, kind, dsnQueueId, list),
       ),
     );
   }
@@ -99,22 +118,29 @@ async function readWhole(ctx: RouterContext, message: MessageRecord): Promise<Bu
   return Buffer.concat(chunks);
 }
 
+/** A success notice says "delivered" for a mailbox, "relayed" for a next hop without DSN. */
+function actionOf(kind: DsnKind, r: RecipientRecord): DsnAction {
+  if (kind === "failure") return "failed";
+  if (kind === "delay") return "delayed";
+  return r.kind === "local" ? "delivered" : "relayed";
+}
+
 async function sendDsn(
   ctx: RouterContext,
   message: MessageRecord,
-  kind: "failure" | "delay",
+  kind: DsnKind,
   dsnQueueId: string,
   reported: RecipientRecord[],
 ): Promise<void> {
   const { log } = ctx.telemetry;
-  const action = kind === "failure" ? "failed" : "delayed";
   const until = kind === "delay" ? new Date(expiresAt(ctx.policy, message.receivedAt)) : undefined;
   let headers: Buffer | undefined;
   let full: Buffer | undefined;
   try {
     // RET=FULL returns the whole message with a failure report when it is small enough for the
     // report to travel as its spool message's attachment; otherwise, and for RET=HDRS, delay
-    // notices and no RET, the headers only (RFC 3461 4.3 leaves the default to the MTA)
+    // and success notices and no RET, the headers only (RFC 3461 4.3 leaves the default to the
+    // MTA; success notices return no more than the headers, as Postfix does)
     if (kind === "failure" && message.ret === "FULL" && message.body.size <= RET_FULL_MAX) {
       full = await readWhole(ctx, message);
     } else {
@@ -133,7 +159,7 @@ async function sendDsn(
     queueId: message.queueId,
     ...(message.envid ? { envid: message.envid } : {}),
     arrivalDate: new Date(message.receivedAt),
-    recipients: reported.map((r) => toDsnRecipient(r, action, until)),
+    recipients: reported.map((r) => toDsnRecipient(r, actionOf(kind, r), until)),
     ...(headers ? { headers } : {}),
     ...(full ? { message: full } : {}),
     date: now,

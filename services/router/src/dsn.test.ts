@@ -28,6 +28,48 @@ async function parse(raw: Buffer) {
 }
 
 describe("DSN", () => {
+  it("a success notice says delivered or relayed, with a 2.x.x status and the headers only", async () => {
+    const built = buildDsn({
+      ...base,
+      kind: "success",
+      envid: "env-1",
+      recipients: [
+        {
+          finalRecipient: "bob@example.test",
+          originalRecipient: "bob@old.test",
+          action: "delivered",
+          status: dsnStatus("delivered", reply(250, "2.0.0", "delivered to the mailbox")),
+        },
+        {
+          finalRecipient: "carol@plain.test",
+          action: "relayed",
+          // a next hop's reply without an enhanced code of its own still reads as a success
+          status: dsnStatus("relayed", reply(250, "4.0.0", "odd")),
+          remoteMta: "mx.plain.test [127.0.0.3]",
+        },
+      ],
+      headers: Buffer.from("From: alice@example.test\r\nSubject: Hi\r\n"),
+    });
+    const { mail, report, headers } = await parse(built.raw);
+    expect(mail.subject).toBe("Successful Mail Delivery Report");
+    expect(mail.text).toContain("<bob@example.test> (sent to <bob@old.test>): delivered");
+    expect(mail.text).toContain("<carol@plain.test>: relayed (from mx.plain.test [127.0.0.3])");
+    expect(report.perMessage).toMatchObject({ "original-envelope-id": "env-1" });
+    expect(report.recipients).toEqual([
+      expect.objectContaining({
+        action: "delivered",
+        status: "2.0.0",
+        "original-recipient": "rfc822; bob@old.test",
+      }),
+      expect.objectContaining({
+        action: "relayed",
+        status: "2.0.0",
+        "remote-mta": "dns; mx.plain.test [127.0.0.3]",
+      }),
+    ]);
+    expect(headers).toContain("Subject: Hi");
+  });
+
   it("is an RFC 3464 report with per-message and per-recipient fields", async () => {
     const built = buildDsn({
       ...base,

@@ -3,14 +3,15 @@
 import type { Readable } from "node:stream";
 import { type BodyRef, formatReply, isTemporary, type Reply } from "@mailpipe/contracts";
 
-export type DsnKind = "failure" | "delay";
+export type DsnKind = "failure" | "delay" | "success";
+export type DsnAction = "failed" | "delayed" | "delivered" | "relayed";
 
 export interface DsnRecipient {
   /** the address delivery was attempted to */
   finalRecipient: string;
   /** the address the sender used, when different (alias, ORCPT) */
   originalRecipient?: string;
-  action: "failed" | "delayed";
+  action: DsnAction;
   /** RFC 3463 status, e.g. 5.1.1 */
   status: string;
   /** the host that gave the reply, when one did */
@@ -67,12 +68,24 @@ export function rfc5322Date(d: Date): string {
   );
 }
 
-/** The Status to report: the reply's own code, except an expiry after temporary failures (4.4.7). */
-export function dsnStatus(action: "failed" | "delayed", reply: Reply | undefined): string {
+/**
+ * The Status to report: the reply's own code, except an expiry after temporary failures (4.4.7);
+ * a success is 2.x.x whatever the reply said.
+ */
+export function dsnStatus(action: DsnAction, reply: Reply | undefined): string {
+  if (action === "delivered" || action === "relayed") {
+    return reply?.enhanced.startsWith("2.") ? reply.enhanced : "2.0.0";
+  }
   if (!reply) return action === "failed" ? "5.0.0" : "4.0.0";
   if (action === "failed" && isTemporary(reply)) return "4.4.7";
   return reply.enhanced;
 }
+
+const SUBJECTS: Record<DsnKind, string> = {
+  failure: "Undelivered Mail Returned to Sender",
+  delay: "Delayed Mail (still being retried)",
+  success: "Successful Mail Delivery Report",
+};
 
 function isAscii(text: string): boolean {
   for (let i = 0; i < text.length; i++) if (text.charCodeAt(i) > 0x7f) return false;
@@ -179,11 +192,16 @@ function humanText(input: DsnInput): string {
     input.kind === "failure"
       ? "Your message could not be delivered to one or more recipients. " +
         "It has been returned with this report; the recipients and the reasons are below."
-      : "THIS IS A WARNING ONLY: you do not need to send your message again. " +
-        "It could not be delivered yet to the recipients below; delivery will be retried" +
-        (input.recipients[0]?.willRetryUntil
-          ? ` until ${rfc5322Date(input.recipients[0].willRetryUntil)}.`
-          : ".");
+      : input.kind === "success"
+        ? "You asked to be told when your message was delivered (NOTIFY=SUCCESS): it was, to the " +
+          'recipients below. "delivered" means it is in the mailbox. "relayed" means it went on to ' +
+          "a mail system that does not report deliveries: this is the last notice you get from us, " +
+          "and that system may still report an error."
+        : "THIS IS A WARNING ONLY: you do not need to send your message again. " +
+          "It could not be delivered yet to the recipients below; delivery will be retried" +
+          (input.recipients[0]?.willRetryUntil
+            ? ` until ${rfc5322Date(input.recipients[0].willRetryUntil)}.`
+            : ".");
   const lines = [
     `This is the mail system at ${input.reportingMta}.`,
     "",
@@ -199,7 +217,7 @@ function humanText(input: DsnInput): string {
       : `<${r.finalRecipient}>`;
     const why = r.diagnostic ? formatReply(r.diagnostic) : `status ${r.status}`;
     const where = r.remoteMta ? ` (from ${r.remoteMta})` : "";
-    lines.push(`${who}: ${why}${where}`);
+    lines.push(input.kind === "success" ? `${who}: ${r.action}${where}` : `${who}: ${why}${where}`);
   }
   lines.push("");
   return lines.join("\n");
@@ -209,8 +227,8 @@ function humanText(input: DsnInput): string {
 export function buildDsn(input: DsnInput): BuiltDsn {
   const boundary = `=_mailpipe-report-${input.messageId.replace(/[^A-Za-z0-9]/g, "")}`;
   const utf8Address = !isAscii(input.to);
-  const subject =
-    input.kind === "failure" ? "Undelivered Mail Returned to Sender" : "Delayed Mail (still being retried)";
+  const subject = SUBJECTS[input.kind];
+  const returned = input.kind === "success" ? "Delivered Message" : "Undelivered Message";
 
   const head = [
     foldField("From", `Mail Delivery System <MAILER-DAEMON@${input.reportingMta}>`),
@@ -280,7 +298,7 @@ export function buildDsn(input: DsnInput): BuiltDsn {
         Buffer.from(
           [
             "Content-Type: message/rfc822",
-            "Content-Description: Undelivered Message",
+            `Content-Description: ${returned}`,
             `Content-Transfer-Encoding: ${full.eightBit ? "8bit" : "7bit"}`,
             "",
             "",
@@ -293,7 +311,7 @@ export function buildDsn(input: DsnInput): BuiltDsn {
           Buffer.from(
             [
               "Content-Type: text/rfc822-headers",
-              "Content-Description: Undelivered Message Headers",
+              `Content-Description: ${returned} Headers`,
               `Content-Transfer-Encoding: ${headers.eightBit ? "8bit" : "7bit"}`,
               "",
               "",

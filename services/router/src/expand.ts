@@ -4,9 +4,17 @@ import { type EnvelopeRecipient, parseAddress, type Reply, replies } from "@mail
 import type { Directory } from "@mailpipe/directory";
 import type { RecipientRecord } from "@mailpipe/queue";
 
-function notifyFlags(rcpt: EnvelopeRecipient): { notifyFailure: boolean; notifyDelay: boolean } {
-  if (!rcpt.notify) return { notifyFailure: true, notifyDelay: true };
-  return { notifyFailure: rcpt.notify.includes("FAILURE"), notifyDelay: rcpt.notify.includes("DELAY") };
+type NotifyFlags = Pick<RecipientRecord, "notifyFailure" | "notifyDelay" | "notifySuccess" | "notify">;
+
+/** RFC 3461 4.1: without NOTIFY, failures and delays are reported, successes are not. */
+function notifyFlags(rcpt: EnvelopeRecipient): NotifyFlags {
+  if (!rcpt.notify) return { notifyFailure: true, notifyDelay: true, notifySuccess: false };
+  return {
+    notifyFailure: rcpt.notify.includes("FAILURE"),
+    notifyDelay: rcpt.notify.includes("DELAY"),
+    notifySuccess: rcpt.notify.includes("SUCCESS"),
+    notify: rcpt.notify,
+  };
 }
 
 /**

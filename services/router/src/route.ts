@@ -99,6 +99,8 @@ export function createRouteHandler(ctx: RouterContext) {
           ...(hctx.attachment ? { attachment: hctx.attachment } : {}),
           smtputf8: mail.envelope.smtputf8,
           bodyType: mail.envelope.bodyType,
+          envid: mail.envelope.dsn?.envid,
+          ret: mail.envelope.dsn?.ret,
         };
 
         if (stored.status === "finished") {

@@ -28,7 +28,9 @@ export function createStatusHandler(ctx: RouterContext) {
         "delivered",
         patch,
         {
-          dsn: false,
+          // a success notice when the recipient asked for one (NOTIFY=SUCCESS): "delivered" for a
+          // mailbox, "relayed" for a next hop without DSN; one with DSN got the request passed on
+          dsn: s.dsnRelayed !== true,
           now: ctx.now(),
           // the transaction is over: its destination slot goes to the next in line, in this script
           slot: s.slot,
