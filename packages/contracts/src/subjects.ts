@@ -56,7 +56,6 @@ export const subjects = {
    * from its per-subject index without a scan, and the number of subjects stays bounded (65,536
    * buckets) however many messages the stream keeps.
    */
-  // biome-ignore lint/correctness/noUnusedFunctionParameters: the type stays in the signature for callers
   event: (type: EventType, queueId?: string) => {
     if (!EVENT_TYPES.includes(type)) throw new SubjectError(`unknown event type ${JSON.stringify(type)}`);
     return queueId ? `mail.v1.events.${trackBucket(queueId)}` : "mail.v1.events._";
