@@ -1,3 +1,4 @@
+import { directoryFileSetting } from "@mailpipe/directory";
 import { dnsServersSetting } from "@mailpipe/dns";
 import { baseConfig, bool, duration, port } from "@mailpipe/service-kit";
 import { z } from "zod";
@@ -72,6 +73,11 @@ export const config = baseConfig
     TLSRPT_ORGANIZATION: z.string().max(200).default(""),
     /** contact-info and From: of the reports; empty: postmaster@MAIL_HOSTNAME */
     TLSRPT_CONTACT: z.string().max(320).default(""),
+    /**
+     * the directory msa reads: the reports are DKIM-signed with its key for the From's domain (or a
+     * parent); read only with TLSRPT=on, and a missing file means unsigned reports (warned)
+     */
+    DIRECTORY_FILE: directoryFileSetting(),
     /** DANE (RFC 7672): TLSA records from DANE_RESOLVERS require TLS and a matching certificate */
     DANE: onOff(false),
     /**

@@ -1,12 +1,16 @@
 // MTA-STS (RFC 8461) and TLS-RPT (RFC 8460) against real parts: the DNS server on loopback serves
 // `_mta-sts` and `_smtp._tls` TXT records, an HTTPS server on 127.0.0.4 with a certificate from a
 // test CA serves the policy, SMTP peers on 127.0.0.2/3 play the MX hosts, Redis holds the cache.
-import { writeFile } from "node:fs/promises";
+import { mkdir, writeFile } from "node:fs/promises";
 import https from "node:https";
 import path from "node:path";
+import { Writable } from "node:stream";
 import { gunzipSync } from "node:zlib";
 import type { Bus } from "@mailpipe/bus";
 import { QueuedMail } from "@mailpipe/contracts";
+import { dkimDnsRecord, generateDkimKey } from "@mailpipe/directory";
+import { createResolver, mailauthResolver } from "@mailpipe/dns";
+import { createTelemetry, type Telemetry } from "@mailpipe/telemetry";
 import {
   createTestCa,
   type DnsServerHandle,
@@ -19,8 +23,10 @@ import {
   type TempDir,
   type TestCa,
   tempDir,
+  waitFor,
 } from "@mailpipe/testing";
 import { Redis } from "ioredis";
+import { authenticate } from "mailauth";
 import { simpleParser } from "mailparser";
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import {
@@ -69,6 +75,7 @@ beforeAll(async () => {
     "mta-sts.mismatch.test",
     "mta-sts.slow.test",
     "mta-sts.big.test",
+    "mta-sts.signed.test",
   ]);
   policyServer = https.createServer({ key: policyCert.key, cert: policyCert.cert }, (req, res) => {
     fetches++;
@@ -134,8 +141,11 @@ async function peers(...args: Parameters<typeof startPeers>) {
   return started;
 }
 
-async function worker(port: number, env: Record<string, string> = {}): Promise<RunningDelivery> {
-  const telemetry = quietTelemetry();
+async function worker(
+  port: number,
+  env: Record<string, string> = {},
+  telemetry: Telemetry = quietTelemetry(),
+): Promise<RunningDelivery> {
   const bus = await connectBus(nats.url, telemetry);
   const config = testConfig(nats.url, port, {
     MTA_STS: "on",
@@ -373,4 +383,145 @@ describe("MTA-STS", () => {
     expect((await delivery.mtaSts!.lookup("big.test")).failure?.type).toBe("sts-policy-invalid");
     expect(fetches).toBe(before);
   });
+});
+
+/** A telemetry whose log lines the test can read. */
+function loggingTelemetry() {
+  const lines: { level: number; msg: string; [k: string]: unknown }[] = [];
+  const telemetry = createTelemetry({
+    service: "delivery",
+    logLevel: "info",
+    defaultMetrics: false,
+    logDestination: new Writable({
+      write(chunk, _e, cb) {
+        for (const l of String(chunk).split("\n")) if (l) lines.push(JSON.parse(l));
+        cb();
+      },
+    }),
+  });
+  return { telemetry, lines };
+}
+
+/** A directory file for sender.test (MAIL_HOSTNAME out.sender.test's parent), with a DKIM key or none. */
+async function directoryFile(name: string, pem?: string): Promise<string> {
+  const folder = path.join(dir.path, name);
+  await mkdir(path.join(folder, "keys"), { recursive: true });
+  let dkim = "";
+  if (pem) {
+    await writeFile(path.join(folder, "keys", "sender.test.rpt.pem"), pem);
+    dkim = "    dkim:\n      selector: rpt\n      privateKeyFile: keys/sender.test.rpt.pem\n";
+  }
+  const file = path.join(folder, "directory.yaml");
+  await writeFile(file, `domains:\n  sender.test:\n${dkim}`);
+  return file;
+}
+
+/** Reads mail.v1.queued as the router does, keeping each report with its body. */
+async function queuedReports() {
+  const reports: { mail: QueuedMail; raw: Buffer }[] = [];
+  const sub = await admin.consume("router", QueuedMail, (mail, ctx) => {
+    reports.push({ mail, raw: Buffer.from(ctx.attachment!) });
+  });
+  cleanups.push(() => sub.stop());
+  return reports;
+}
+
+describe("TLS-RPT reports are DKIM-signed (RFC 8460 3)", () => {
+  it("with the directory's key of the From's domain (postmaster@out.sender.test signs as sender.test): the copy the report address's MX receives passes DKIM", async () => {
+    const pem = await generateDkimKey("rsa-sha256");
+    dns.set("rpt._domainkey.sender.test", { TXT: [dkimDnsRecord(pem)] });
+    // (a domain of its own: JetStream drops a second report for testing.test today as a duplicate)
+    publishPolicy("signed.test", "7", "testing", ["mx.signed.test"]);
+    const {
+      port,
+      peers: [plain, reportMx],
+    } = await peers(["127.0.0.2", "127.0.0.3"]);
+    const delivery = await worker(port, { DIRECTORY_FILE: await directoryFile("signed", pem) });
+    const { statuses } = watch();
+    // a session without STARTTLS to a domain in MTA-STS testing mode: one failure to report
+    await publishRequest(admin, {
+      domain: "signed.test",
+      hosts: [mx("mx.signed.test", 10, "127.0.0.2")],
+      recipients: ["a@signed.test"],
+      body: message("plain", "a@signed.test"),
+    });
+    await (await statuses).waitFor(1);
+    expect(plain!.messages).toHaveLength(1);
+    const today = dayOf(new Date());
+    await waitFor(async () => (await delivery.tlsReports!.store.domains(today)).includes("signed.test"));
+
+    const reports = await queuedReports();
+    expect(await delivery.tlsReports!.send(today)).toHaveLength(1);
+    const { mail, raw } = (await waitFor(() => reports.length > 0 && reports))[0]!;
+    // the router's part: route the report to the rua's MX, and delivery sends it
+    await publishRequest(admin, {
+      domain: "reports.test",
+      hosts: [mx("mx.reports.test", 10, "127.0.0.3")],
+      recipients: mail.envelope.rcptTo.map((r) => r.address),
+      body: raw,
+      mailFrom: mail.envelope.mailFrom,
+    });
+    const [got] = await reportMx!.waitForMessages(1);
+    expect(got!.rcptTo).toEqual(["tlsrpt@reports.test"]);
+    const result = (await authenticate(got!.raw, {
+      ip: "127.0.0.1",
+      helo: "out.sender.test",
+      sender: "",
+      mta: "mx.reports.test",
+      resolver: mailauthResolver(createResolver({ servers: [dns.address] })) as never,
+    } as never)) as unknown as {
+      dkim: {
+        results: {
+          signingDomain: string;
+          selector: string;
+          status: { result: string; aligned?: string | false };
+          signingHeaders?: { keys: string };
+        }[];
+      };
+    };
+    const [sig] = result.dkim.results;
+    expect(sig).toMatchObject({ signingDomain: "sender.test", selector: "rpt", status: { result: "pass" } });
+    // it covers the report's own header fields too
+    expect(sig!.signingHeaders!.keys.toLowerCase().split(": ").join(":").split(":")).toEqual(
+      expect.arrayContaining([
+        "from",
+        "subject",
+        "tls-report-domain",
+        "tls-report-submitter",
+        "content-type",
+      ]),
+    );
+    // and the report is still the report
+    const parsed = await simpleParser(got!.raw);
+    expect(parsed.headers.get("tls-report-domain")).toBe("signed.test");
+    expect(parsed.from?.value[0]?.address).toBe("postmaster@out.sender.test");
+  }, 30_000);
+
+  it("without a key for the reporting domain the reports go out unsigned, with one warning per domain saying what to configure", async () => {
+    const { telemetry, lines } = loggingTelemetry();
+    const delivery = await worker(25, { DIRECTORY_FILE: await directoryFile("unsigned") }, telemetry);
+    const today = dayOf(new Date());
+    const store = delivery.tlsReports!.store;
+    for (const domain of ["one.test", "two.test"]) {
+      dns.set(`_smtp._tls.${domain}`, { TXT: [`v=TLSRPTv1; rua=mailto:tlsrpt@${domain}`] });
+      store.record(
+        domain,
+        { type: "sts", strings: ["version: STSv1", "mode: testing"], mxHosts: [`mx.${domain}`] },
+        `mx.${domain}`,
+        "192.0.2.1",
+        { policy: "verify", source: "mta-sts" },
+      );
+    }
+    await waitFor(async () => (await store.domains(today)).length === 2);
+    const reports = await queuedReports();
+    expect(await delivery.tlsReports!.send(today)).toHaveLength(2);
+    await waitFor(() => reports.length === 2);
+    for (const { raw } of reports) {
+      expect(raw.toString("latin1")).not.toMatch(/^DKIM-Signature:/im);
+      expect((await simpleParser(raw)).headers.get("tls-report-submitter")).toBe("out.sender.test");
+    }
+    const warnings = lines.filter((l) => /no DKIM key for out\.sender\.test/.test(l.msg));
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]!.msg).toMatch(/mailctl dkim keygen/);
+  }, 30_000);
 });

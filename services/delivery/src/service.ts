@@ -1,5 +1,7 @@
+import { existsSync } from "node:fs";
 import type { Bus } from "@mailpipe/bus";
 import { RemoteDeliveryRequest } from "@mailpipe/contracts";
+import { type DirectoryWatcher, watchDirectory } from "@mailpipe/directory";
 import { createResolver } from "@mailpipe/dns";
 import { DestinationSlots } from "@mailpipe/queue";
 import type { Telemetry } from "@mailpipe/telemetry";
@@ -8,6 +10,7 @@ import type { Config } from "./config.ts";
 import { Dane } from "./dane.ts";
 import { MtaSts } from "./mta-sts.ts";
 import { createOutboundTls } from "./outbound-tls.ts";
+import { ReportSigner } from "./report-dkim.ts";
 import { dayOf, sendDailyReports, TlsReportStore } from "./tls-report.ts";
 import { createWorker, type DeliveryWorker, trustedCas } from "./worker.ts";
 
@@ -60,6 +63,20 @@ export async function startDelivery({
   if (config.MTA_STS && !redis)
     log.warn("MTA_STS=on needs Redis (REDIS_URL) for its policy cache: MTA-STS is off");
   const store = config.TLSRPT && redis ? new TlsReportStore(redis, log) : undefined;
+  // the reports' DKIM keys: the directory msa signs with (an invalid file stops the start, as in
+  // every service that reads it; a missing one only leaves the reports unsigned)
+  let directory: DirectoryWatcher | undefined;
+  if (store && existsSync(config.DIRECTORY_FILE)) {
+    directory = await watchDirectory(config.DIRECTORY_FILE, {
+      onReload: () => log.info("directory reloaded (TLS report DKIM keys)"),
+      onError: (err) => log.error({ err: err.message }, "directory file rejected; keeping the previous one"),
+    });
+  } else if (store) {
+    log.warn(
+      { directoryFile: config.DIRECTORY_FILE },
+      "TLS-RPT: no directory file at DIRECTORY_FILE: TLS reports go out without a DKIM signature; mount the directory msa uses there",
+    );
+  }
   const dane = config.DANE
     ? new Dane({
         resolver: createResolver({ servers: config.DANE_RESOLVERS }),
@@ -83,6 +100,13 @@ export async function startDelivery({
       log,
     }),
   });
+  const signer =
+    store &&
+    new ReportSigner({
+      directory: () => directory?.current(),
+      directoryFile: config.DIRECTORY_FILE,
+      log,
+    });
   const tlsReports = store && {
     store,
     send: (day: string) =>
@@ -95,6 +119,7 @@ export async function startDelivery({
           hostname: config.MAIL_HOSTNAME,
           organization: config.TLSRPT_ORGANIZATION || config.MAIL_HOSTNAME,
           contact: config.TLSRPT_CONTACT || `postmaster@${config.MAIL_HOSTNAME}`,
+          signer,
         },
         day,
       ),
@@ -147,6 +172,7 @@ export async function startDelivery({
       if (reportTimer) clearInterval(reportTimer);
       await sub.stop();
       await worker.close();
+      directory?.close();
     },
   };
 }

@@ -3,7 +3,8 @@
 // and address. Once a day the previous day's aggregate goes, as gzip JSON, to the `rua` mailto of
 // the domain's `_smtp._tls` TXT record, as a message published to mail.v1.queued (source "report")
 // like the router publishes DSNs: the router routes it and delivery sends it, with retries, like
-// any other mail. An https rua is logged as unsupported.
+// any other mail. An https rua is logged as unsupported. The report is DKIM-signed for the From's
+// domain with its key from the directory (report-dkim.ts), as RFC 8460 3 asks.
 import { createHash, randomUUID } from "node:crypto";
 import { promisify } from "node:util";
 import { gzip as gzipCb } from "node:zlib";
@@ -23,6 +24,7 @@ import type { DnsResolver } from "@mailpipe/dns";
 import type { Logger } from "@mailpipe/telemetry";
 import type { Redis } from "ioredis";
 import MimeNode from "nodemailer/lib/mime-node";
+import type { ReportSigner } from "./report-dkim.ts";
 import type { TlsResult } from "./tls-check.ts";
 
 const gzip = promisify(gzipCb);
@@ -156,6 +158,8 @@ export interface ReportSenderOptions {
   organization: string;
   /** TLSRPT_CONTACT, also the report's From */
   contact: string;
+  /** DKIM-signs the report for the From's domain (none: unsigned) */
+  signer?: ReportSigner | undefined;
 }
 
 /** Sends the reports of `day` for every domain counted that day; returns the queue ids published. */
@@ -193,7 +197,8 @@ async function sendOne(o: ReportSenderOptions, day: string, domain: string): Pro
   const report = buildReport(results, { organization: o.organization, contact: o.contact, reportId });
   const gz = await gzip(Buffer.from(JSON.stringify(report)));
   const queueId = newQueueId();
-  const raw = await composeReport({ ...o, domain, day, to: mailto, gz, reportId, queueId });
+  const unsigned = await composeReport({ ...o, domain, day, to: mailto, gz, reportId, queueId });
+  const raw = o.signer ? await o.signer.sign(o.contact, unsigned) : unsigned;
   const mail: QueuedMail = {
     v: 1,
     queueId,
