@@ -44,6 +44,8 @@ export interface DayResults {
 export const tlsKeys = {
   stsPolicy: (domain: string) => `mta-sts:policy:${domain}`,
   stsFailure: (domain: string) => `mta-sts:failure:${domain}`,
+  /** SET NX claim: the one replica refreshing the domain's cached policy ahead of its expiry */
+  stsRefresh: (domain: string) => `mta-sts:refresh:${domain}`,
   /** hash: `policy\t<type>` → ReportPolicy JSON, `ok\t<type>` → n, `fail\t<type>\t<result>\t<mx>\t<ip>` → n */
   reportDay: (day: string, domain: string) => `tlsrpt:${day}:${domain}`,
   reportDomains: (day: string) => `tlsrpt:${day}:domains`,

@@ -67,6 +67,11 @@ export const config = baseConfig
     MTA_STS_PORT: port(443),
     /** the whole policy fetch, connect to last byte */
     MTA_STS_FETCH_TIMEOUT: positive("20s"),
+    /**
+     * a cached policy older than this, or than half its max_age if that is shorter, is fetched again
+     * in the background when a message uses it (one replica per domain); a failed refresh keeps it
+     */
+    MTA_STS_REFRESH_AFTER: positive("1d"),
     /** count TLS results per destination with a policy (Redis) and send the daily TLS-RPT reports */
     TLSRPT: onOff(true),
     /** organization-name of the reports; empty: MAIL_HOSTNAME */

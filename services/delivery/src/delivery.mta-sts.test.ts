@@ -363,6 +363,71 @@ describe("MTA-STS", () => {
     expect(peer!.messages).toHaveLength(1);
   });
 
+  it("refreshes a cached policy in the background before it expires, one fetch for every replica", async () => {
+    publishPolicy("sts.test", "r1", "enforce", ["*.sts.test"]);
+    policies.set("sts.test", "version: STSv1\r\nmode: enforce\r\nmx: *.sts.test\r\nmax_age: 600\r\n");
+    const a = await worker(25, { MTA_STS_REFRESH_AFTER: "1s" });
+    const b = await worker(25, { MTA_STS_REFRESH_AFTER: "1s" });
+    expect((await a.mtaSts!.lookup("sts.test")).policy).toMatchObject({ id: "r1", maxAge: 600 });
+    expect(fetches).toBe(1);
+    const first = JSON.parse((await redis.get("mta-sts:policy:sts.test"))!);
+    // the host now serves a longer max_age under the same id: only a refresh brings it in
+    policies.set("sts.test", "version: STSv1\r\nmode: enforce\r\nmx: *.sts.test\r\nmax_age: 7200\r\n");
+    // messages on both replicas keep using the cached policy; once it is older than 1 s, one of them
+    // starts the refresh
+    const used: (number | undefined)[] = [];
+    const refreshed = await waitFor(async () => {
+      for (const w of [a, b]) used.push((await w.mtaSts!.lookup("sts.test")).policy?.maxAge);
+      const now = JSON.parse((await redis.get("mta-sts:policy:sts.test"))!);
+      return now.maxAge === 7200 && now;
+    });
+    expect(used.every((m) => m === 600 || m === 7200)).toBe(true);
+    expect(Date.parse(refreshed.fetchedAt)).toBeGreaterThan(Date.parse(first.fetchedAt));
+    expect(Date.parse(refreshed.expiresAt)).toBeGreaterThan(Date.parse(first.expiresAt));
+    expect(await redis.pttl("mta-sts:policy:sts.test")).toBeGreaterThan(600_000);
+    // more messages on both replicas: the claim in Redis kept it to one refresh
+    for (const w of [a, b, a, b]) await w.mtaSts!.lookup("sts.test");
+    // (any refresh still running has ended)
+    await Promise.all([a.mtaSts!.close(), b.mtaSts!.close()]);
+    expect(fetches).toBe(2);
+    expect(await a.mtaSts!.lookup("sts.test")).toMatchObject({ policy: { maxAge: 7200 } });
+  }, 30_000);
+
+  it("a refresh that fails leaves the cached policy in force: enforce still defers a mismatching MX", async () => {
+    publishPolicy("sts.test", "f1", "enforce", ["mx1.sts.test"]);
+    const {
+      port,
+      peers: [unlisted],
+    } = await peers(["127.0.0.2"]);
+    const delivery = await worker(port, { MTA_STS_REFRESH_AFTER: "1s" });
+    expect((await delivery.mtaSts!.lookup("sts.test")).policy?.id).toBe("f1");
+    const cached = await redis.get("mta-sts:policy:sts.test");
+    // the policy host goes away (404), the TXT record stays
+    policies.delete("sts.test");
+    const failure = await waitFor(async () => {
+      expect((await delivery.mtaSts!.lookup("sts.test")).policy?.id).toBe("f1");
+      return redis.get("mta-sts:failure:sts.test");
+    });
+    expect(JSON.parse(failure)).toMatchObject({ id: "f1", type: "sts-policy-fetch-error" });
+    expect(JSON.parse(failure).detail).toMatch(/HTTP 404/);
+    expect(fetches).toBe(2);
+    expect(await redis.get("mta-sts:policy:sts.test")).toBe(cached);
+
+    const { statuses } = watch();
+    await publishRequest(admin, {
+      domain: "sts.test",
+      hosts: [mx("evil.attacker.test", 10, "127.0.0.2")],
+      recipients: ["bob@sts.test"],
+      body: message("after a failed refresh", "bob@sts.test"),
+    });
+    const [s] = await (await statuses).waitFor(1);
+    expect(s!.status).toMatchObject({ outcome: "deferred", reply: { code: 451, enhanced: "4.7.5" } });
+    expect(s!.status.reply.text).toMatch(/does not match the MTA-STS policy of sts\.test/);
+    expect(unlisted!.connections).toBe(0);
+    // the failed refresh is not tried again for every message
+    expect(fetches).toBe(2);
+  }, 30_000);
+
   it("bounds the policy fetch in time and size: a host that never answers and a policy over 64 KiB give no policy", async () => {
     for (const d of ["slow.test", "big.test"]) {
       dns.set(`_mta-sts.${d}`, { TXT: ["v=STSv1; id=1"], ttl: 0 });

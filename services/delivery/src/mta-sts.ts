@@ -3,6 +3,12 @@
 // `mta-sts.<domain>/.well-known/mta-sts.txt` with certificate verification, bounded in size and
 // time, and cached in Redis until its max_age, so every delivery replica shares one fetch.
 //
+// A cached policy is refreshed ahead of its expiry (RFC 8461 recommends it, so a policy host that is
+// down for a while does not cost the domain its enforcement): once it is older than half its
+// max_age or MTA_STS_REFRESH_AFTER, whichever is shorter, the next message that uses it starts a
+// fetch in the background (it does not wait for it), claimed in Redis so one replica fetches per
+// domain. A refresh that fails leaves the cached policy in force until its own expiry.
+//
 // mailauth parses the TXT record and the policy and matches MX names (mx-connect uses the same
 // code); the HTTPS fetch is ours because mailauth's has no way to add a CA (a private one, or the
 // tests') and always connects to port 443, and mx-connect's MTA-STS step resolves and connects on
@@ -29,6 +35,7 @@ const MEMO_MAX = 10_000;
 const DNS_FAILURE_HOLD_MS = 60_000;
 const key = tlsKeys.stsPolicy;
 const failureKey = tlsKeys.stsFailure;
+const refreshKey = tlsKeys.stsRefresh;
 
 export type { StsPolicy };
 
@@ -57,6 +64,11 @@ export interface MtaStsOptions {
   timeoutMs: number;
   /** SMTP_BLOCK_LOCAL_ADDRESSES: a policy host on a private address is not fetched from either */
   blockLocalAddresses: boolean;
+  /**
+   * MTA_STS_REFRESH_AFTER: a cached policy older than this (or than half its max_age, if shorter)
+   * is fetched again in the background when used
+   */
+  refreshAfterMs: number;
 }
 
 class FetchError extends Error {
@@ -86,6 +98,10 @@ export class MtaSts {
   readonly #dnsFailed = new Map<string, number>();
   /** domain → the policy this process last read from (or wrote to) Redis, none included */
   readonly #memo = new Map<string, { policy?: StsPolicy; until: number }>();
+  /** domain → until when this process starts no refresh of it (one is running, claimed or failed) */
+  readonly #refreshHeld = new Map<string, number>();
+  /** refreshes running in this process, awaited by close() */
+  readonly #refreshing = new Set<Promise<void>>();
 
   constructor(o: MtaStsOptions) {
     this.#o = o;
@@ -136,37 +152,104 @@ export class MtaSts {
       }
     }
     if (!id) return cached ? { policy: cached } : {};
-    if (cached && cached.id === id) return { policy: cached };
+    if (cached && cached.id === id) {
+      this.#refreshIfDue(domain, cached);
+      return { policy: cached };
+    }
     const held = await redis.get(failureKey(domain)).catch(() => null);
     if (held) {
       const failure = JSON.parse(held) as StsFailure;
       if (failure.id === id) return cached ? { policy: cached, failure } : { failure };
     }
     try {
-      const policy = await this.#fetch(domain, id);
-      const ttlMs = Math.max(1, policy.maxAge) * 1000;
-      await redis.set(key(domain), JSON.stringify(policy), "PX", ttlMs).catch((err: Error) => {
-        log.warn({ err: err.message, domain }, "MTA-STS: could not cache the policy in Redis");
-      });
+      const policy = await this.#fetchAndCache(domain, id);
       log.info(
         { domain, id, mode: policy.mode, mx: policy.mx, maxAge: policy.maxAge },
         "MTA-STS policy fetched",
       );
-      this.#memo.set(domain, { policy, until: Date.now() + MEMO_MS });
       return { policy };
     } catch (err) {
-      const type = err instanceof FetchError ? err.type : "sts-policy-fetch-error";
-      const failure: StsFailure = { id, type, detail: (err as Error).message, at: new Date().toISOString() };
-      await redis
-        .set(failureKey(domain), JSON.stringify(failure), "PX", FAILURE_HOLD_MS)
-        .catch(() => undefined);
+      const failure = await this.#recordFailure(domain, id, err as Error);
       log.warn(
-        { domain, id, failure: type, err: failure.detail },
+        { domain, id, failure: failure.type, err: failure.detail },
         cached
           ? "MTA-STS: policy fetch failed; the cached policy still applies"
           : "MTA-STS: policy fetch failed; no policy applies",
       );
       return cached ? { policy: cached, failure } : { failure };
+    }
+  }
+
+  /** Waits for the background refreshes this process started (shutdown). */
+  async close(): Promise<void> {
+    await Promise.allSettled([...this.#refreshing]);
+  }
+
+  async #fetchAndCache(domain: string, id: string): Promise<StsPolicy> {
+    const policy = await this.#fetch(domain, id);
+    const ttlMs = Math.max(1, policy.maxAge) * 1000;
+    await this.#o.redis.set(key(domain), JSON.stringify(policy), "PX", ttlMs).catch((err: Error) => {
+      this.#o.log.warn({ err: err.message, domain }, "MTA-STS: could not cache the policy in Redis");
+    });
+    this.#memo.set(domain, { policy, until: Date.now() + MEMO_MS });
+    return policy;
+  }
+
+  /** Keeps a failed fetch for FAILURE_HOLD_MS (mailctl tls shows it; the same id is not retried meanwhile). */
+  async #recordFailure(domain: string, id: string, err: Error): Promise<StsFailure> {
+    const type = err instanceof FetchError ? err.type : "sts-policy-fetch-error";
+    const failure: StsFailure = { id, type, detail: err.message, at: new Date().toISOString() };
+    await this.#o.redis
+      .set(failureKey(domain), JSON.stringify(failure), "PX", FAILURE_HOLD_MS)
+      .catch(() => undefined);
+    return failure;
+  }
+
+  /** Starts a background refresh of `cached` when it is due and no one else is on it. */
+  #refreshIfDue(domain: string, cached: StsPolicy): void {
+    const now = Date.now();
+    const dueAt = Date.parse(cached.fetchedAt) + Math.min(cached.maxAge * 500, this.#o.refreshAfterMs);
+    if (now < dueAt || (this.#refreshHeld.get(domain) ?? 0) > now) return;
+    if (this.#refreshHeld.size >= MEMO_MAX) this.#refreshHeld.clear();
+    // this process asks again only after the claim would have lapsed
+    this.#refreshHeld.set(domain, now + this.#claimMs());
+    const running: Promise<void> = this.#refresh(domain, cached).finally(() =>
+      this.#refreshing.delete(running),
+    );
+    this.#refreshing.add(running);
+  }
+
+  /** Longer than any fetch; also how long a failed refresh is not tried again. */
+  #claimMs(): number {
+    return Math.max(FAILURE_HOLD_MS, 2 * this.#o.timeoutMs);
+  }
+
+  async #refresh(domain: string, cached: StsPolicy): Promise<void> {
+    const { redis, log } = this.#o;
+    // one replica per domain; the claim is left to lapse, so neither a replica still holding the
+    // old policy in memory nor a failed host is asked again before then
+    const claimed = await redis
+      .set(refreshKey(domain), "1", "PX", this.#claimMs(), "NX")
+      .catch((err: Error) => {
+        log.warn(
+          { err: err.message, domain },
+          "MTA-STS: cannot claim the policy refresh in Redis; not refreshing now",
+        );
+        return null;
+      });
+    if (claimed !== "OK") return;
+    try {
+      const policy = await this.#fetchAndCache(domain, cached.id);
+      log.info(
+        { domain, id: policy.id, mode: policy.mode, mx: policy.mx, maxAge: policy.maxAge },
+        "MTA-STS policy refreshed before its expiry",
+      );
+    } catch (err) {
+      const failure = await this.#recordFailure(domain, cached.id, err as Error);
+      log.warn(
+        { domain, id: cached.id, failure: failure.type, err: failure.detail, expiresAt: cached.expiresAt },
+        "MTA-STS: refreshing the cached policy failed; it still applies until it expires, and the refresh is tried again later",
+      );
     }
   }
 

@@ -57,6 +57,7 @@ export async function startDelivery({
           ca,
           port: config.MTA_STS_PORT,
           timeoutMs: config.MTA_STS_FETCH_TIMEOUT,
+          refreshAfterMs: config.MTA_STS_REFRESH_AFTER,
           blockLocalAddresses: config.SMTP_BLOCK_LOCAL_ADDRESSES,
         })
       : undefined;
@@ -172,6 +173,7 @@ export async function startDelivery({
       if (reportTimer) clearInterval(reportTimer);
       await sub.stop();
       await worker.close();
+      await mtaSts?.close();
       directory?.close();
     },
   };
