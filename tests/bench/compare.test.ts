@@ -48,7 +48,11 @@ describe("npm run bench -- compare", () => {
         ],
         { cwd: root, timeout: 240_000 },
       );
-      expect(stdout).toMatch(/round 1 postfix .* final \d+\/s \(30\/30\); CPU ms\/msg [\d.]+ \[.*smtpd/);
+      // Postfix's daemons are measured; which ones used a clock tick in 30 messages varies (a CI run
+      // under load once had no smtpd in the list), so any of them will do
+      expect(stdout).toMatch(
+        /round 1 postfix .* final \d+\/s \(30\/30\); CPU ms\/msg [\d.]+ \[.*\b(smtpd|smtp|cleanup|qmgr|virtual) \d/,
+      );
       const pipeline = stdout.split("\n").find((l) => l.includes("round 1 mailpipe")) ?? "";
       expect(pipeline).toMatch(/final \d+\/s \(30\/30\); CPU ms\/msg [\d.]+ \[/);
       for (const p of [
