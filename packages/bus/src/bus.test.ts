@@ -249,6 +249,29 @@ describe("bus", () => {
     expect(calls).toHaveLength(1);
   });
 
+  it("takes a message with fields a newer version added, without those fields (a rolling upgrade)", async () => {
+    const bus = await connect("mda");
+    open.push(bus);
+    const calls: unknown[] = [];
+    await bus.consume("mda", LocalSchema, (m) => {
+      calls.push(m);
+    });
+    const newer = request();
+    // what a later router might write: a new top-level field and a new field on a recipient
+    const written = {
+      ...newer,
+      priority: "high",
+      recipients: newer.recipients.map((r) => ({ ...r, notify: ["SUCCESS"] })),
+    };
+    await bus.js.publish(subjects.deliverLocal(), JSON.stringify(written), { msgID: newer.dispatchId });
+    await waitFor(() => calls.length === 1, { timeoutMs: 5000 });
+    expect(calls[0]).toEqual(newer);
+    await waitFor(async () => (await bus.jsm.consumers.info("MAIL_DELIVER", "mda")).num_ack_pending === 0, {
+      timeoutMs: 5000,
+    });
+    expect((await bus.jsm.streams.info("MAIL_DELIVER")).state.messages).toBe(0);
+  });
+
   it("waits for handlers in flight when a subscription stops", async () => {
     const bus = await connect("mda");
     open.push(bus);

@@ -426,6 +426,19 @@ export class Bus {
         wake = resolve;
       });
 
+    // fields a newer version wrote (a rolling upgrade): dropped, and said once per set of fields
+    const unknownSeen = new Set<string>();
+    const onUnknownFields = (fields: string[]) => {
+      const key = fields.join(",");
+      if (unknownSeen.has(key) || unknownSeen.size >= 100) return;
+      unknownSeen.add(key);
+      log.warn(
+        { consumer: durable, fields },
+        "a message has fields this version does not know (written by a newer version?): they are ignored; " +
+          "finish upgrading this service",
+      );
+    };
+
     const run = async (m: JsMsg): Promise<void> => {
       const started = performance.now();
       const parent = propagation.extract(ROOT_CONTEXT, m.headers, natsHeaderGetter);
@@ -434,7 +447,7 @@ export class Bus {
       try {
         const parts = splitPayload(m.data, m.headers);
         attachment = parts.attachment;
-        message = decodeJson(schema, parts.json, `message on ${m.subject}`);
+        message = decodeJson(schema, parts.json, `message on ${m.subject}`, { onUnknownFields });
       } catch (err) {
         log.error(
           {

@@ -301,3 +301,33 @@ describe("SMTP replies", () => {
     expect(parseRemoteReply(550, "4.2.2 full").enhanced).toBe("5.0.0");
   });
 });
+
+describe("fields from a newer version", () => {
+  const status = {
+    v: 1,
+    queueId: newQueueId(),
+    dispatchId: "d1",
+    recipient: "bob@example.test",
+    outcome: "delivered",
+    reply: { code: 250, enhanced: "2.0.0", text: "ok" },
+    attempt: 1,
+    service: "mda",
+    at: new Date().toISOString(),
+  };
+
+  it("are refused by default, and dropped and named when the reader tolerates them", () => {
+    const newer = JSON.stringify({ ...status, mood: "happy", reply: { ...status.reply, extra: 1 } });
+    expect(() => decodeJson(RecipientStatus, newer)).toThrow(/mood/);
+    const seen: string[][] = [];
+    const got = decodeJson(RecipientStatus, newer, "status", { onUnknownFields: (f) => seen.push(f) });
+    expect(got).toEqual(status);
+    expect(seen).toEqual([["mood", "reply.extra"]]);
+  });
+
+  it("do not excuse a field that is wrong", () => {
+    const bad = JSON.stringify({ ...status, mood: "happy", attempt: 0 });
+    expect(() => decodeJson(RecipientStatus, bad, "status", { onUnknownFields: () => undefined })).toThrow(
+      /attempt/,
+    );
+  });
+});

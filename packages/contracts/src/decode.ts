@@ -21,11 +21,39 @@ export function decode<S extends z.ZodType>(schema: S, value: unknown, what = "m
   return r.data;
 }
 
+/**
+ * A message from a newer version of the pipeline may carry fields this version does not know (a
+ * rolling upgrade runs both). With `onUnknownFields`, such fields are dropped and reported (as
+ * `path.field`) and the rest is checked as usual; without it, or when anything else is wrong, the
+ * message is refused. Publishing stays strict: a service only writes fields it knows.
+ */
+export interface DecodeOptions {
+  onUnknownFields?: (fields: string[]) => void;
+}
+
+function withoutUnknownFields(value: unknown, issues: readonly z.core.$ZodIssue[]): string[] | undefined {
+  if (issues.length === 0) return undefined;
+  const dropped: string[] = [];
+  for (const issue of issues) {
+    if (issue.code !== "unrecognized_keys") return undefined;
+    let at: unknown = value;
+    for (const step of issue.path)
+      at = (at as Record<PropertyKey, unknown> | undefined)?.[step as PropertyKey];
+    if (typeof at !== "object" || at === null) return undefined;
+    for (const key of issue.keys) {
+      delete (at as Record<string, unknown>)[key];
+      dropped.push([...issue.path, key].join("."));
+    }
+  }
+  return dropped.sort();
+}
+
 /** Parses JSON bytes against a contract. */
 export function decodeJson<S extends z.ZodType>(
   schema: S,
   bytes: Uint8Array | string,
   what = "message",
+  opts: DecodeOptions = {},
 ): z.infer<S> {
   let value: unknown;
   try {
@@ -35,5 +63,12 @@ export function decodeJson<S extends z.ZodType>(
       { code: "custom", path: [], message: `not JSON (${(err as Error).message})`, input: undefined },
     ]);
   }
-  return decode(schema, value, what);
+  const r = schema.safeParse(value);
+  if (r.success) return r.data;
+  const dropped = opts.onUnknownFields ? withoutUnknownFields(value, r.error.issues) : undefined;
+  if (!dropped) throw new ContractError(what, r.error.issues);
+  // the value was just parsed from JSON, so it is ours to change; what is left must match in full
+  const data = decode(schema, value, what);
+  opts.onUnknownFields?.(dropped);
+  return data;
 }

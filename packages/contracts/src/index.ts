@@ -7,7 +7,7 @@ export {
   ReversePath,
 } from "./address.ts";
 export { AttachedBody, BodyRef, isSpoolRef, ObjectBodyRef, SpoolBodyRef } from "./body-ref.ts";
-export { ContractError, decode, decodeJson } from "./decode.ts";
+export { ContractError, type DecodeOptions, decode, decodeJson } from "./decode.ts";
 export {
   ClientInfo,
   DsnNotify,
