@@ -149,7 +149,29 @@ export interface Timeline {
   events: MailEvent[];
 }
 
-/** Groups the matching messages' events into one timeline per queue id, oldest first. */
+/**
+ * Where an event stands in a message's life: what the accepting service says (received, rejected,
+ * filtered, then queued) comes before anything downstream. The edge emits `queued` once JetStream
+ * acked the message, and the router may route it before that ack arrives, so time alone would show
+ * "routed" before "queued".
+ */
+function phase(e: MailEvent): number {
+  switch (e.type) {
+    case "received":
+    case "rejected":
+    case "filtered":
+      return 0;
+    case "queued":
+      return 1;
+    default:
+      return 2;
+  }
+}
+
+/**
+ * Groups the matching messages' events into one timeline per queue id: the accepting service's
+ * events first, then the rest oldest first.
+ */
 export function timelines(
   q: Query,
   events: MailEvent[],
@@ -158,7 +180,9 @@ export function timelines(
   const ids = new Set(events.filter((e) => match(e) && e.queueId).map((e) => e.queueId!));
   const out: Timeline[] = [];
   for (const queueId of [...ids].sort()) {
-    const evs = events.filter((e) => e.queueId === queueId).sort((a, b) => a.at.localeCompare(b.at));
+    const evs = events
+      .filter((e) => e.queueId === queueId)
+      .sort((a, b) => phase(a) - phase(b) || a.at.localeCompare(b.at));
     const first = evs.find((e) => e.messageId) ?? evs[0];
     out.push({
       queueId,
