@@ -39,7 +39,9 @@ export const USAGE = `mailctl: operate a mailpipe installation
                                             TLS results (sessions ok, failures by type) of the last 7 days
 
 Environment: DIRECTORY_FILE (/etc/mailpipe/directory.yaml), NATS_URL (nats://127.0.0.1:4222),
-REDIS_URL (redis://127.0.0.1:6379), TRACE_VIEW_URL (e.g. http://localhost:16686/trace/{traceId}).
+REDIS_URL (redis://127.0.0.1:6379), REDIS_SENTINELS / REDIS_SENTINEL_NAME (mymaster) /
+REDIS_SENTINEL_PASSWORD (the master through Sentinels, as the services find it),
+TRACE_VIEW_URL (e.g. http://localhost:16686/trace/{traceId}).
 `;
 
 function duration(v: string): number {

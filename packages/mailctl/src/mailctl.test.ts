@@ -2,33 +2,15 @@ import { createSign, verify } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { PassThrough, Readable } from "node:stream";
 import { Bus } from "@mailpipe/bus";
 import { newQueueId } from "@mailpipe/contracts";
 import { Directory, developmentDirectory } from "@mailpipe/directory";
 import { createTelemetry } from "@mailpipe/telemetry";
 import { type NatsHandle, startNats, tempDir } from "@mailpipe/testing";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { testIo as io } from "../test/io.ts";
 import { run } from "./cli.ts";
 import { eventsOfMessage, indexedQueueIds, readEvents } from "./track.ts";
-
-function io(stdinText = "", env: NodeJS.ProcessEnv = {}) {
-  const stdout = new PassThrough();
-  const stderr = new PassThrough();
-  let o = "";
-  let e = "";
-  stdout.on("data", (c) => {
-    o += c;
-  });
-  stderr.on("data", (c) => {
-    e += c;
-  });
-  return {
-    io: { stdin: Readable.from([stdinText]), stdout, stderr, env },
-    out: () => o,
-    err: () => e,
-  };
-}
 
 let dir: { path: string; remove(): Promise<void> };
 let file: string;

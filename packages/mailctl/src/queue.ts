@@ -1,29 +1,12 @@
 import { formatReply, isQueueId, normalizeDomain } from "@mailpipe/contracts";
 import { type HoldRule, MailQueue } from "@mailpipe/queue";
-import { Redis } from "ioredis";
 import { CommandError, type Io, out, UsageError } from "./io.ts";
+import { withRedis } from "./redis.ts";
 
-async function withQueue<T>(io: Io, fn: (q: MailQueue) => Promise<T>): Promise<T> {
-  const url = io.env.REDIS_URL ?? "redis://127.0.0.1:6379";
-  const redis = new Redis(url, {
-    lazyConnect: true,
-    maxRetriesPerRequest: 1,
-    connectTimeout: 5000,
-    retryStrategy: () => null,
-  });
-  redis.on("error", () => {});
-  try {
-    await redis.connect();
-  } catch (err) {
-    throw new CommandError(
-      `cannot reach Redis at ${url.replace(/\/\/[^@]*@/, "//")} (${(err as Error).message}): set REDIS_URL`,
-    );
-  }
-  try {
-    return await fn(new MailQueue(redis, io.env.QUEUE_PREFIX ? { prefix: io.env.QUEUE_PREFIX } : {}));
-  } finally {
-    redis.disconnect();
-  }
+function withQueue<T>(io: Io, fn: (q: MailQueue) => Promise<T>): Promise<T> {
+  return withRedis(io, (redis) =>
+    fn(new MailQueue(redis, io.env.QUEUE_PREFIX ? { prefix: io.env.QUEUE_PREFIX } : {})),
+  );
 }
 
 function ago(iso: string, now = Date.now()): string {

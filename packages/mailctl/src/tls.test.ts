@@ -1,8 +1,8 @@
-import { PassThrough, Readable } from "node:stream";
 import { tlsDayOf, tlsKeys } from "@mailpipe/contracts";
 import { type ServerHandle, startRedis } from "@mailpipe/testing";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { testIo } from "../test/io.ts";
 import { run } from "./cli.ts";
 
 let server: ServerHandle;
@@ -15,15 +15,6 @@ afterAll(async () => {
   redis?.disconnect();
   await server?.stop();
 });
-
-function io(env: NodeJS.ProcessEnv) {
-  const stdout = new PassThrough();
-  let o = "";
-  stdout.on("data", (c) => {
-    o += c;
-  });
-  return { io: { stdin: Readable.from([""]), stdout, stderr: new PassThrough(), env }, out: () => o };
-}
 
 describe("mailctl tls", () => {
   it("shows the cached MTA-STS policy and the day's TLS results, as delivery keeps them", async () => {
@@ -44,19 +35,19 @@ describe("mailctl tls", () => {
       "ok\tsts": "12",
       "fail\tsts\tstarttls-not-supported\tmx2.sts.test\t192.0.2.7": "3",
     });
-    const t = io({ REDIS_URL: server.url });
+    const t = testIo("", { REDIS_URL: server.url });
     expect(await run(["tls", "STS.test"], t.io)).toBe(0);
     expect(t.out()).toContain("MTA-STS policy id 20261204: mode enforce, mx *.sts.test");
     expect(t.out()).toContain(`${day} sts: 12 sessions ok, 3 failed`);
     expect(t.out()).toContain("3 × starttls-not-supported at mx2.sts.test [192.0.2.7]");
 
-    const j = io({ REDIS_URL: server.url });
+    const j = testIo("", { REDIS_URL: server.url });
     expect(await run(["tls", "sts.test", "--json"], j.io)).toBe(0);
     const parsed = JSON.parse(j.out());
     expect(parsed.mtaSts).toMatchObject({ id: "20261204", mode: "enforce" });
     expect(parsed.results[0]).toMatchObject({ day, successes: { sts: 12 } });
 
-    const none = io({ REDIS_URL: server.url });
+    const none = testIo("", { REDIS_URL: server.url });
     expect(await run(["tls", "other.test"], none.io)).toBe(0);
     expect(none.out()).toMatch(/no policy cached[\s\S]*no TLS results/);
   });

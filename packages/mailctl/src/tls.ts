@@ -6,8 +6,8 @@ import {
   tlsDayOf,
   tlsKeys,
 } from "@mailpipe/contracts";
-import { Redis } from "ioredis";
-import { CommandError, type Io, out, UsageError } from "./io.ts";
+import { type Io, out, UsageError } from "./io.ts";
+import { withRedis } from "./redis.ts";
 
 const DAYS_KEPT = 7;
 
@@ -21,22 +21,7 @@ export async function tlsCommand(
   if (!raw) throw new UsageError("usage: mailctl tls <domain> [--json]");
   const domain = normalizeDomain(raw);
   if (!domain) throw new UsageError(`"${raw}" is not a domain`);
-  const url = io.env.REDIS_URL ?? "redis://127.0.0.1:6379";
-  const redis = new Redis(url, {
-    lazyConnect: true,
-    maxRetriesPerRequest: 1,
-    connectTimeout: 5000,
-    retryStrategy: () => null,
-  });
-  redis.on("error", () => {});
-  try {
-    await redis.connect();
-  } catch (err) {
-    throw new CommandError(
-      `cannot reach Redis at ${url.replace(/\/\/[^@]*@/, "//")} (${(err as Error).message}): set REDIS_URL`,
-    );
-  }
-  try {
+  await withRedis(io, async (redis) => {
     const [policyJson, failureJson] = await Promise.all([
       redis.get(tlsKeys.stsPolicy(domain)),
       redis.get(tlsKeys.stsFailure(domain)),
@@ -98,7 +83,5 @@ export async function tlsCommand(
         }
       }
     }
-  } finally {
-    redis.disconnect();
-  }
+  });
 }

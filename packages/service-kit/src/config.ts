@@ -1,6 +1,7 @@
 import { hostname } from "node:os";
 import { redactUrls } from "@mailpipe/telemetry";
 import { z } from "zod";
+import { redisConfig } from "./redis.ts";
 
 /** Parses "250ms", "30s", "5m", "4h", "5d" or a plain number of milliseconds. */
 export function parseDuration(value: string): number | null {
@@ -89,11 +90,7 @@ export const hostList = (defaultValue: string) =>
 /** Variables every service reads, with the same names everywhere. */
 export const baseConfig = z.object({
   NATS_URL: z.string().min(1).default("nats://127.0.0.1:4222"),
-  REDIS_URL: z.string().min(1).default("redis://127.0.0.1:6379"),
-  /** host:port of Redis Sentinels (comma-separated); set, they name the master instead of REDIS_URL's host */
-  REDIS_SENTINELS: z.string().optional(),
-  REDIS_SENTINEL_NAME: z.string().min(1).default("mymaster"),
-  REDIS_SENTINEL_PASSWORD: z.string().optional(),
+  ...redisConfig.shape,
   MAIL_HOSTNAME: z.string().min(1).default(hostname()),
   HTTP_HOST: z.string().default("0.0.0.0"),
   HTTP_PORT: port(9090),

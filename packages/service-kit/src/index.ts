@@ -14,8 +14,8 @@ export {
   redactConfig,
 } from "./config.ts";
 export { type HealthServer, startHealthServer } from "./http.ts";
+export { createRedis, type RedisConfig, redisConfig } from "./redis.ts";
 export {
-  createRedis,
   type RunningService,
   runService,
   type ServiceContext,

@@ -1,10 +1,11 @@
 import { Bus, type TopologySettings } from "@mailpipe/bus";
 import type { ServiceName } from "@mailpipe/contracts";
 import { createTelemetry, type Logger, type Metrics, type Telemetry, type Tracer } from "@mailpipe/telemetry";
-import { Redis } from "ioredis";
+import type { Redis } from "ioredis";
 import type { z } from "zod";
 import { type BaseConfig, ConfigError, parseConfig, redactConfig } from "./config.ts";
 import { startHealthServer } from "./http.ts";
+import { createRedis } from "./redis.ts";
 
 export interface ServiceContext<C extends BaseConfig> {
   name: ServiceName;
@@ -204,44 +205,4 @@ export async function runService<S extends z.ZodType<BaseConfig>>(
   started = true;
   log.info({ httpPort: health.port }, `${def.name} ready`);
   return { stop: (reason = "stop") => shutdown(reason), done };
-}
-
-/**
- * The service's Redis client: REDIS_URL, or with REDIS_SENTINELS the master that the Sentinels name
- * REDIS_SENTINEL_NAME (ioredis asks them, and asks again after a failover); REDIS_URL then still gives
- * the password, user and database. Not connected yet (lazyConnect).
- */
-export function createRedis(
-  config: Pick<
-    BaseConfig,
-    "REDIS_URL" | "REDIS_SENTINELS" | "REDIS_SENTINEL_NAME" | "REDIS_SENTINEL_PASSWORD"
-  >,
-): Redis {
-  const common = {
-    lazyConnect: true,
-    maxRetriesPerRequest: 2,
-    // commands issued in the same tick go out in one write (one syscall instead of many)
-    enableAutoPipelining: true,
-    connectTimeout: 5000,
-    retryStrategy: (times: number) => Math.min(times * 200, 2000),
-  };
-  if (!config.REDIS_SENTINELS) return new Redis(config.REDIS_URL, common);
-  const url = new URL(config.REDIS_URL);
-  const sentinels = config.REDIS_SENTINELS.split(",")
-    .map((s) => s.trim())
-    .filter((s) => s !== "")
-    .map((s) => {
-      const i = s.lastIndexOf(":");
-      return i > 0 ? { host: s.slice(0, i), port: Number(s.slice(i + 1)) } : { host: s, port: 26379 };
-    });
-  return new Redis({
-    ...common,
-    sentinels,
-    name: config.REDIS_SENTINEL_NAME,
-    ...(config.REDIS_SENTINEL_PASSWORD ? { sentinelPassword: config.REDIS_SENTINEL_PASSWORD } : {}),
-    ...(url.password ? { password: decodeURIComponent(url.password) } : {}),
-    ...(url.username ? { username: decodeURIComponent(url.username) } : {}),
-    ...(url.pathname.length > 1 ? { db: Number(url.pathname.slice(1)) } : {}),
-    sentinelRetryStrategy: (times: number) => Math.min(times * 200, 2000),
-  });
 }

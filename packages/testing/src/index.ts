@@ -49,13 +49,16 @@ export {
   detectContainerRuntime,
   findBinary,
   type NatsHandle,
+  type RedisSentinelHandle,
   type ServerHandle,
   type ServerMode,
   type ServerModeInput,
   type StartNatsOptions,
   type StartRedisOptions,
+  type StartRedisSentinelOptions,
   startNats,
   startRedis,
+  startRedisSentinel,
 } from "./servers.ts";
 export {
   type Action,

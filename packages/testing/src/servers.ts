@@ -393,6 +393,54 @@ export async function startRedis(options: StartRedisOptions = {}): Promise<Serve
   return localServer(spec, "redis", options.port, workDir, owned);
 }
 
+export interface StartRedisSentinelOptions {
+  /** The name the Sentinel knows the master by; default "mymaster" (REDIS_SENTINEL_NAME's default). */
+  name?: string;
+}
+
+export interface RedisSentinelHandle extends ServerHandle {
+  /** The master's name in this Sentinel. */
+  readonly masterName: string;
+}
+
+/**
+ * A real Redis Sentinel (`redis-server --sentinel`) monitoring `master`, ready once it names the
+ * master. Local binary only: Debian's redis-server package has Sentinel built in.
+ */
+export async function startRedisSentinel(
+  master: Pick<ServerHandle, "host" | "port">,
+  options: StartRedisSentinelOptions = {},
+): Promise<RedisSentinelHandle> {
+  const binaryPath = findBinary("redis-server");
+  if (!binaryPath) throw new Error(`redis-server is not on PATH (a Sentinel runs it): ${INSTALL_HINT}`);
+  const masterName = options.name ?? "mymaster";
+  // Sentinel rewrites its config file, so the file lives in a directory of its own
+  const dir = await ownedTemp("mailpipe-sentinel");
+  const confFile = path.join(dir, "sentinel.conf");
+  await writeFile(
+    confFile,
+    [
+      `bind ${HOST}`,
+      `dir ${dir}`,
+      `sentinel monitor ${masterName} ${master.host} ${master.port} 1`,
+      `sentinel down-after-milliseconds ${masterName} 1000`,
+      `sentinel failover-timeout ${masterName} 5000`,
+      "",
+    ].join("\n"),
+  );
+  const spec: LocalSpec = {
+    name: "redis-server --sentinel",
+    binaryPath,
+    args: (port) => [confFile, "--sentinel", "--port", String(port)],
+    ready: async (host, port) => {
+      // the reply is "*2" (host and port follow) once it knows the master, "*-1" before
+      const line = await firstLine(host, port, `SENTINEL get-master-addr-by-name ${masterName}\r\n`, 1_000);
+      if (line !== "*2") throw new Error(`the Sentinel does not name ${masterName} yet (${line})`);
+    },
+  };
+  return (await localServer(spec, "redis", undefined, dir, [dir], { masterName })) as RedisSentinelHandle;
+}
+
 // --- containers (used only where the binaries are missing; not exercised on CI) ---------------
 
 async function containerServer(
