@@ -8,6 +8,8 @@ import {
   topology,
   trackHash,
 } from "@mailpipe/contracts";
+// the light entry: `mailctl track` does not load the service runtime
+import { mapLimit } from "@mailpipe/service-kit/map-limit";
 import { DeliverPolicy, jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { CommandError, type Io, out, UsageError } from "./io.ts";
@@ -298,17 +300,4 @@ export async function trackCommand(
   }
   if (opts.json) out(io, JSON.stringify(list, null, 2));
   else printTimelines(io, list, io.env.TRACE_VIEW_URL);
-}
-
-async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (t: T) => Promise<R>): Promise<R[]> {
-  const out: R[] = new Array(items.length);
-  let next = 0;
-  const worker = async () => {
-    while (next < items.length) {
-      const i = next++;
-      out[i] = await fn(items[i]!);
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
-  return out;
 }

@@ -14,6 +14,7 @@ export {
   redactConfig,
 } from "./config.ts";
 export { type HealthServer, startHealthServer } from "./http.ts";
+export { mapLimit } from "./map-limit.ts";
 export { createRedis, type RedisConfig, redisConfig } from "./redis.ts";
 export {
   type RunningService,

@@ -17,12 +17,12 @@ import {
   type SuspectSlot,
   siteOf,
 } from "@mailpipe/queue";
+import { mapLimit } from "@mailpipe/service-kit";
 import { boundedLabel, OTHER_LABEL } from "@mailpipe/telemetry";
 import type { Redis } from "ioredis";
 import type { Config } from "./config.ts";
 import type { RouterContext } from "./deps.ts";
 import { policyFor } from "./destination-limits.ts";
-import { mapLimit } from "./limit.ts";
 
 /** A destination as admission sees it: its site and the limits in force. */
 export interface Destination {

@@ -2,6 +2,7 @@
 import type { HandlerContext } from "@mailpipe/bus";
 import { type BodyRef, type QueuedMail, replies, topology } from "@mailpipe/contracts";
 import type { MessageInput, RecipientRecord } from "@mailpipe/queue";
+import { mapLimit } from "@mailpipe/service-kit";
 import { attr, inSpan, SpanKind } from "@mailpipe/telemetry";
 import type { RouterContext } from "./deps.ts";
 import {
@@ -14,7 +15,6 @@ import {
   toMxHosts,
 } from "./dispatch.ts";
 import { expandRecipients } from "./expand.ts";
-import { mapLimit } from "./limit.ts";
 import { deferRecipient, finishRecipient, type OutcomeMessage, observeFinal } from "./outcomes.ts";
 import { currentTraceparent } from "./trace.ts";
 

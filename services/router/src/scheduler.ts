@@ -5,6 +5,7 @@
 // through the same retry path as the next attempt.
 import { destinationToken, isSpoolRef, replies } from "@mailpipe/contracts";
 import type { ClaimedJob, MessageRecord, RetryJob, SlotRef } from "@mailpipe/queue";
+import { mapLimit } from "@mailpipe/service-kit";
 import { attr, contextWithQueueId, inSpan } from "@mailpipe/telemetry";
 import { context } from "@opentelemetry/api";
 import type { RouterContext } from "./deps.ts";
@@ -17,7 +18,6 @@ import {
   toMxHosts,
 } from "./dispatch.ts";
 import { runDsnTask } from "./dsn-task.ts";
-import { mapLimit } from "./limit.ts";
 import { deferRecipient, finishRecipient } from "./outcomes.ts";
 import { isExpired } from "./retry-policy.ts";
 import { contextFromTraceparent } from "./trace.ts";

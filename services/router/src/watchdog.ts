@@ -5,8 +5,8 @@
 // it again would put a second copy in line and the recipient could get the message twice.
 import { replies, topology } from "@mailpipe/contracts";
 import type { RetryJob, StaleCandidate } from "@mailpipe/queue";
+import { mapLimit } from "@mailpipe/service-kit";
 import type { RouterContext } from "./deps.ts";
-import { mapLimit } from "./limit.ts";
 
 /** Stream lookups at once within one round. */
 const LOOKUP_CONCURRENCY = 16;
