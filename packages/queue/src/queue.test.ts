@@ -454,6 +454,20 @@ describe("retry schedule", () => {
     expect(await q.holds()).toEqual([]);
   });
 
+  it("puts a released retry back at its own time when that is ahead, and due at the release when it passed", async () => {
+    const q = new MailQueue(client());
+    const now = Date.now();
+    const passed = await scheduled(q, 1, now - 60_000);
+    const ahead = await scheduled(q, 1, now + 3_600_000);
+    expect(await q.hold({ kind: "all" }, now)).toBe(2);
+    const releasedAt = now + 1000;
+    expect(await q.release({ kind: "all" }, releasedAt)).toBe(2);
+    const at = new Map((await q.listScheduled()).map((e) => [e.queueId, e.nextAttemptAt]));
+    expect(at.get(passed)).toBe(new Date(releasedAt).toISOString());
+    expect(at.get(ahead)).toBe(new Date(now + 3_600_000).toISOString());
+    expect((await q.claim(releasedAt, 10, 60_000)).map((j) => j.queueId)).toEqual([passed]);
+  });
+
   it("keeps a new message's first attempt aside as a held retry", async () => {
     const q = new MailQueue(client());
     const m = message();

@@ -529,7 +529,13 @@ for i = 1, #ids, 2 do
   elseif not is_held(jk) then
     redis.call("ZREM", HELD, id)
     redis.call("HDEL", jk, "held")
-    redis.call("ZADD", DUE, math.max(now, tonumber(ids[i + 1])) == now and ARGV[3] or ids[i + 1], id)
+    local due
+    if tonumber(ids[i + 1]) > now then
+      due = ids[i + 1] -- its next attempt is still ahead: it keeps that time
+    else
+      due = ARGV[3] -- its time came while it was held: due now
+    end
+    redis.call("ZADD", DUE, due, id)
     n = n + 1
   end
 end
