@@ -70,6 +70,29 @@ export interface DkimKey {
   privateKey: string;
 }
 
+/**
+ * mailauth's dkimSign options for one signature with `key` for `domain` (relaxed/relaxed), as msa
+ * signs submissions and delivery signs TLS reports; `headerList` names the fields to sign when the
+ * default set is not enough.
+ */
+export function dkimSignOptions(domain: string, key: DkimKey, headerList?: string[]) {
+  return {
+    signingDomain: domain,
+    selector: key.selector,
+    privateKey: key.privateKey,
+    signatureData: [
+      {
+        signingDomain: domain,
+        selector: key.selector,
+        privateKey: key.privateKey,
+        algorithm: key.algorithm,
+        canonicalization: "relaxed/relaxed",
+      },
+    ],
+    ...(headerList ? { headerList } : {}),
+  };
+}
+
 export interface DomainPolicy {
   /** mx refuses mail failing DMARC when the sender's policy is p=reject */
   enforceDmarc: boolean;

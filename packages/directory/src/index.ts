@@ -3,6 +3,7 @@ export {
   Directory,
   type DkimKey,
   type DomainPolicy,
+  dkimSignOptions,
   type LocalRecipient,
   MAX_ALIAS_DEPTH,
   type Resolution,

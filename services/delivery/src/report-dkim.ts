@@ -5,7 +5,7 @@
 // example.com, which DMARC's relaxed alignment accepts). No key: the report goes out unsigned, and a
 // warning says once per domain what to configure.
 import { normalizeDomain, parseAddress } from "@mailpipe/contracts";
-import type { Directory, DkimKey } from "@mailpipe/directory";
+import { type Directory, type DkimKey, dkimSignOptions } from "@mailpipe/directory";
 import type { Logger } from "@mailpipe/telemetry";
 import { dkimSign } from "mailauth";
 import addressparser from "nodemailer/lib/addressparser";
@@ -85,21 +85,7 @@ export class ReportSigner {
     }
     this.#warned.delete(fromDomain);
     const { domain, key } = found;
-    const result = await dkimSign(raw, {
-      signingDomain: domain,
-      selector: key.selector,
-      privateKey: key.privateKey,
-      signatureData: [
-        {
-          signingDomain: domain,
-          selector: key.selector,
-          privateKey: key.privateKey,
-          algorithm: key.algorithm,
-          canonicalization: "relaxed/relaxed",
-        },
-      ],
-      headerList: SIGNED_FIELDS,
-    });
+    const result = await dkimSign(raw, dkimSignOptions(domain, key, SIGNED_FIELDS));
     if (!result.signatures) {
       const why = result.errors.map((e) => e.err?.message ?? String(e)).join("; ") || "no signature created";
       throw new ReportSignError(`DKIM signing for ${domain} (selector ${key.selector}) failed: ${why}`);

@@ -1,5 +1,5 @@
 import { Readable } from "node:stream";
-import type { DkimKey } from "@mailpipe/directory";
+import { type DkimKey, dkimSignOptions } from "@mailpipe/directory";
 import type { Logger, Metrics } from "@mailpipe/telemetry";
 import { dkimSign } from "mailauth";
 
@@ -46,20 +46,7 @@ export class DkimSigner {
       this.#counter.inc({ result: "unsigned" });
       return "";
     }
-    const result = await dkimSign(Readable.from(message), {
-      signingDomain: domain,
-      selector: key.selector,
-      privateKey: key.privateKey,
-      signatureData: [
-        {
-          signingDomain: domain,
-          selector: key.selector,
-          privateKey: key.privateKey,
-          algorithm: key.algorithm,
-          canonicalization: "relaxed/relaxed",
-        },
-      ],
-    });
+    const result = await dkimSign(Readable.from(message), dkimSignOptions(domain, key));
     if (!result.signatures) {
       const why = result.errors.map((e) => e.err?.message ?? String(e)).join("; ") || "no signature created";
       throw new DkimSignError(`DKIM signing for ${domain} (selector ${key.selector}) failed: ${why}`);
