@@ -60,7 +60,9 @@ fi
 # Servers and tools from Debian's packages: command -> package.
 need_debs=()
 # swaks needs Net::SSLeay for --tls, which apt leaves out with --no-install-recommends
-declare -A deb_of=([dovecot]=dovecot-core [nats-server]=nats-server [redis-server]=redis-server [swaks]="swaks libnet-ssleay-perl" [smtp-source]=postfix [openssl]=openssl)
+# unbound: the validating resolver of the DNSSEC tests (packages/testing/src/unbound.ts), which sign
+# their test zones with ldnsutils' ldns-keygen and ldns-signzone
+declare -A deb_of=([dovecot]=dovecot-core [nats-server]=nats-server [redis-server]=redis-server [swaks]="swaks libnet-ssleay-perl" [smtp-source]=postfix [openssl]=openssl [unbound]=unbound [ldns-keygen]=ldnsutils [ldns-signzone]=ldnsutils)
 for cmd in nats-server redis-server openssl "$@"; do
   # shellcheck disable=SC2206 # a value may name several packages
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need_debs+=(${deb_of[$cmd]:-$cmd})

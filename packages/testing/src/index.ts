@@ -79,3 +79,10 @@ export {
   type SelfSignedCertOptions,
   type TestCa,
 } from "./tls.ts";
+export {
+  type StartUnboundOptions,
+  startUnbound,
+  type UnboundAnswer,
+  type UnboundHandle,
+  type UnboundZone,
+} from "./unbound.ts";
