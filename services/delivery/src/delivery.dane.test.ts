@@ -1,10 +1,8 @@
 // DANE (RFC 7672) with DANE=on: the DNS server on loopback plays a validating resolver that sets AD
 // for the signed zone dane.test (and not for plain.test); TLSA records match, or do not match, the
 // certificates of SMTP peers on loopback.
-import { createHash, X509Certificate } from "node:crypto";
 import type { Bus } from "@mailpipe/bus";
 import {
-  type CertPair,
   createTestCa,
   type DnsServerHandle,
   type NatsHandle,
@@ -13,19 +11,8 @@ import {
   type TestCa,
 } from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import {
-  collectEvents,
-  collectStatuses,
-  connectBus,
-  message,
-  mx,
-  publishRequest,
-  quietTelemetry,
-  resetBus,
-  startPeers,
-  testConfig,
-} from "../test/helpers.ts";
-import { startDelivery } from "./service.ts";
+import { daneEe, daneTa, startDaneDelivery } from "../test/dane.ts";
+import { connectBus, message, mx, publishRequest, resetBus, testConfig } from "../test/helpers.ts";
 
 let nats: NatsHandle;
 let admin: Bus;
@@ -51,41 +38,8 @@ afterEach(async () => {
   await resetBus(admin);
 });
 
-/** TLSA 3 1 1: SHA-256 of the certificate's public key (DANE-EE, SPKI). */
-function daneEe(pair: CertPair) {
-  const spki = new X509Certificate(pair.cert).publicKey.export({ type: "spki", format: "der" });
-  return { usage: 3, selector: 1, matchingType: 1, data: createHash("sha256").update(spki).digest() };
-}
-
-/** TLSA 2 0 1: SHA-256 of the whole CA certificate (DANE-TA). */
-function daneTa(caPem: string) {
-  return {
-    usage: 2,
-    selector: 0,
-    matchingType: 1,
-    data: createHash("sha256").update(new X509Certificate(caPem).raw).digest(),
-  };
-}
-
-async function setup(hosts: string[], options: Parameters<typeof startPeers>[1]) {
-  const started = await startPeers(hosts, options);
-  cleanups.push(() => Promise.all(started.peers.map((p) => p.stop())));
-  const telemetry = quietTelemetry();
-  const bus = await connectBus(nats.url, telemetry);
-  const config = testConfig(nats.url, started.port, { DANE: "on", DANE_RESOLVERS: dns.address });
-  const delivery = await startDelivery({ config, bus, telemetry });
-  cleanups.push(async () => {
-    await delivery.stop();
-    await bus.close();
-  });
-  const statuses = await collectStatuses(admin);
-  const events = collectEvents(admin);
-  cleanups.push(async () => {
-    await statuses.stop();
-    await events.stop();
-  });
-  return { ...started, statuses, events };
-}
+const setup = (hosts: string[], options: Parameters<typeof startDaneDelivery>[2]) =>
+  startDaneDelivery({ natsUrl: nats.url, admin, cleanups }, hosts, options, () => dns.address);
 
 describe("DANE", () => {
   it("DANE-EE: delivers when the certificate matches the TLSA record (self-signed is fine), defers with 4.7.5 when it does not", async () => {
