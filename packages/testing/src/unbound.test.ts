@@ -1,3 +1,5 @@
+// The validating unbound of the DANE tests: secure answers carry AD, bogus ones are SERVFAIL, an
+// unsigned zone is insecure, and it never asks anyone outside its zones.
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startUnbound, type UnboundHandle } from "./unbound.ts";
 

@@ -192,7 +192,10 @@ function ask(
   return new Promise((resolve, reject) => {
     const socket = dgram.createSocket("udp4");
     const id = Math.floor(Math.random() * 65_536);
+    let finished = false;
     const done = (err: Error | undefined, answer?: UnboundAnswer) => {
+      if (finished) return;
+      finished = true;
       clearTimeout(timer);
       socket.close();
       if (err) reject(err);
