@@ -13,7 +13,7 @@ import {
   type UnboundZone,
 } from "@mailpipe/testing";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { daneEe, startDaneDelivery, tlsaLine } from "../test/dane.ts";
+import { daneEe, daneTa, startDaneDelivery, tlsaLine } from "../test/dane.ts";
 import { connectBus, message, mx, publishRequest, resetBus } from "../test/helpers.ts";
 
 let nats: NatsHandle;
@@ -89,6 +89,46 @@ describe("DANE with a validating unbound", () => {
     const refused = seen.find((s) => s.status.recipient === "carol@two.signed.test")!.status;
     expect(refused).toMatchObject({ outcome: "deferred", reply: { code: 451, enhanced: "4.7.5" } });
     expect(refused.reply.text).toMatch(/not verified \(dane\)/);
+    expect(peers[1]!.messages).toHaveLength(0);
+  });
+
+  it("delivers under a signed DANE-TA record (2 1 1) to a host whose chain names it and whose certificate names the MX", async () => {
+    const chained = await ca.issue(["mx.ta.test"], { chain: true });
+    const wrongName = await ca.issue(["elsewhere.example"], { chain: true });
+    const { peers, statuses, events } = await setup(
+      ["127.0.0.2", "127.0.0.3"],
+      (host) => ({ certificate: host === "127.0.0.2" ? chained : wrongName }),
+      (port) => [
+        {
+          name: "ta.test",
+          records: [
+            "mx A 127.0.0.2",
+            tlsaLine(`_${port}._tcp.mx`, daneTa(ca.cert)),
+            "mx2 A 127.0.0.3",
+            tlsaLine(`_${port}._tcp.mx2`, daneTa(ca.cert)),
+          ],
+        },
+      ],
+    );
+    await publishRequest(admin, {
+      domain: "ta.test",
+      hosts: [mx("mx.ta.test", 10, "127.0.0.2")],
+      recipients: ["bob@ta.test"],
+      body: message("dane ta over dnssec", "bob@ta.test"),
+    });
+    await publishRequest(admin, {
+      domain: "two.ta.test",
+      hosts: [mx("mx2.ta.test", 10, "127.0.0.3")],
+      recipients: ["erin@two.ta.test"],
+      body: message("dane ta wrong name", "erin@two.ta.test"),
+    });
+    await peers[0]!.waitForMessages(1);
+    const e = await events.waitFor("delivered", "bob@ta.test");
+    expect(e.tls).toMatchObject({ policy: "dane", source: "dane", verified: true });
+    const seen = await statuses.waitFor(2);
+    // DANE-TA checks the name (RFC 7672 3.2.2): the CA's signature alone is not enough
+    const wrong = seen.find((s) => s.status.recipient === "erin@two.ta.test")!.status;
+    expect(wrong).toMatchObject({ outcome: "deferred", reply: { code: 451, enhanced: "4.7.5" } });
     expect(peers[1]!.messages).toHaveLength(0);
   });
 
