@@ -3,12 +3,11 @@
 // load (bounded in count and time). During the load one nats-server is SIGKILLed and restarted, then
 // one replica of each service is SIGKILLed and replaced. Counted by Message-ID in the Maildirs and
 // at the sink: every message answered 250 arrives, duplicates stay within one per crash.
-import { readdir, readFile } from "node:fs/promises";
-import { join } from "node:path";
 import { freePort, type ServiceHandle, type SmtpPeer, startSmtpPeer, waitFor } from "@mailpipe/testing";
 import nodemailer, { type Transporter, type TransportOptions } from "nodemailer";
 import { afterAll, describe, expect, it } from "vitest";
 import { type Pipeline, type ServiceName, startPipeline } from "./harness.ts";
+import { maildirIds, messageId } from "./mail-count.ts";
 
 /** the load stops at this many messages even if the faults are not done */
 const MAX_MESSAGES = 1500;
@@ -41,30 +40,6 @@ afterAll(async () => {
   await sink?.stop();
   await p?.stop();
 });
-
-function messageId(raw: Buffer | string): string | undefined {
-  const text = raw.toString("latin1");
-  const head = text.slice(0, Math.max(0, text.indexOf("\r\n\r\n")) || text.length);
-  return /^message-id:\s*(<[^>\r\n]+>)/im.exec(head)?.[1];
-}
-
-async function maildirIds(root: string): Promise<string[]> {
-  const ids: string[] = [];
-  const walk = async (dir: string): Promise<void> => {
-    for (const e of await readdir(dir, { withFileTypes: true }).catch(() => [])) {
-      if (!e.isDirectory()) continue;
-      const path = join(dir, e.name);
-      if (e.name === "new" || e.name === "cur") {
-        for (const f of await readdir(path)) {
-          const id = messageId(await readFile(join(path, f)));
-          if (id) ids.push(id);
-        }
-      } else if (e.name !== "tmp") await walk(path);
-    }
-  };
-  await walk(root);
-  return ids;
-}
 
 describe("replicas of every service on a 3-node NATS cluster", () => {
   it("delivers every accepted message through a NATS node's crash and one crash of each service", async () => {

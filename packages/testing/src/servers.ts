@@ -49,6 +49,8 @@ export interface StartRedisOptions {
   appendonly?: boolean;
   /** AOF fsync policy: `everysec` (Redis's default) or `always` (what the manifests run) */
   appendfsync?: "always" | "everysec";
+  /** Start as a replica of this master (`--replicaof`): Redis replication, asynchronous. */
+  replicaof?: Pick<ServerHandle, "host" | "port">;
 }
 
 export type ServerMode = "local" | "container";
@@ -381,6 +383,7 @@ export async function startRedis(options: StartRedisOptions = {}): Promise<Serve
       appendonly ? "yes" : "no",
       "--appendfsync",
       options.appendfsync ?? "everysec",
+      ...(options.replicaof ? ["--replicaof", options.replicaof.host, String(options.replicaof.port)] : []),
       "--save",
       "",
       "--protected-mode",
@@ -509,6 +512,7 @@ async function containerNats(options: StartNatsOptions): Promise<NatsHandle> {
 }
 
 async function containerRedis(options: StartRedisOptions): Promise<ServerHandle> {
+  if (options.replicaof) throw new Error("a Redis replica runs only from the local redis-server binary");
   const appendonly = options.appendonly ?? true;
   return containerServer(
     "redis:7-alpine",
