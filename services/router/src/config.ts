@@ -42,6 +42,13 @@ export const config = baseConfig.extend({
    * no longer in MAIL_DELIVER (a router or worker died), kept while it is
    */
   DESTINATION_SLOT_LEASE: duration("60s").refine((ms) => ms >= 1000, { message: "must be 1s or longer" }),
+  /**
+   * Redis replicas that must have the router's writes before it acks a message or a status (WAIT):
+   * with Sentinel, a failover then keeps them. 0: no wait (replication is asynchronous)
+   */
+  REDIS_WAIT_REPLICAS: z.coerce.number().int().min(0).max(10).default(0),
+  /** how long to wait for them; short of them, the message is handled again later */
+  REDIS_WAIT_TIMEOUT: duration("1s").refine((ms) => ms > 0, { message: "must be longer than 0" }),
   /** destination sites with their own `site` label on the destination metrics; later ones are "other" */
   METRICS_MAX_DESTINATIONS: z.coerce.number().int().min(0).max(100_000).default(200),
 });

@@ -1,4 +1,4 @@
-import type { Bus } from "@mailpipe/bus";
+import type { Bus, Handler } from "@mailpipe/bus";
 import { QueuedMail, RecipientStatus, topology } from "@mailpipe/contracts";
 import type { Directory } from "@mailpipe/directory";
 import type { DnsResolver } from "@mailpipe/dns";
@@ -33,6 +33,30 @@ export interface Router {
   stop(): Promise<void>;
 }
 
+/**
+ * With REDIS_WAIT_REPLICAS, a handler's Redis writes must reach that many replicas (WAIT) before
+ * the bus acks: Redis replication is asynchronous, and a Sentinel failover would otherwise lose
+ * writes the old master acked but had not passed on (a message's state, a scheduled retry). WAIT
+ * covers every write sent before it on the connection. Short of the replicas, the handler fails and
+ * the message is redelivered; the writes are idempotent.
+ */
+export function waitForReplicas<T>(redis: Redis, replicas: number, timeoutMs: number) {
+  return (handler: Handler<T>): Handler<T> => {
+    if (replicas === 0) return handler;
+    return async (message, hctx) => {
+      const outcome = await handler(message, hctx);
+      const got = await redis.wait(replicas, timeoutMs);
+      if (got < replicas) {
+        throw new Error(
+          `${got} of ${replicas} Redis replicas (REDIS_WAIT_REPLICAS) have the router's writes after ` +
+            `${timeoutMs} ms; handled again later: check the replicas' link to the master (INFO replication)`,
+        );
+      }
+      return outcome;
+    };
+  };
+}
+
 /** Binds the router's two consumers and starts its scheduler. */
 export async function startRouter(opts: RouterOptions): Promise<Router> {
   const { config, telemetry, bus } = opts;
@@ -58,7 +82,16 @@ export async function startRouter(opts: RouterOptions): Promise<Router> {
   await holds.start();
   const ctx: RouterContext = { ...base, holds, admission: createAdmission({ ...base, holds }, opts.redis) };
   const consumeOpts = { maxInFlight: config.ROUTER_CONCURRENCY };
-  const route = createRouteHandler(ctx);
+  const route = waitForReplicas<QueuedMail>(
+    opts.redis,
+    config.REDIS_WAIT_REPLICAS,
+    config.REDIS_WAIT_TIMEOUT,
+  )(createRouteHandler(ctx));
+  const status = waitForReplicas<RecipientStatus>(
+    opts.redis,
+    config.REDIS_WAIT_REPLICAS,
+    config.REDIS_WAIT_TIMEOUT,
+  )(createStatusHandler(ctx));
   const queued = await bus.consume("router", QueuedMail, route, consumeOpts);
   // after an upgrade: route what the pre-spool work queue still holds, until it is empty
   const legacy = (await bus.streamExists(topology.legacyQueued.name))
@@ -70,7 +103,7 @@ export async function startRouter(opts: RouterOptions): Promise<Router> {
       "routing what the pre-spool work queue still holds; delete the stream once it is empty (nats stream rm)",
     );
   }
-  const statuses = await bus.consume("routerStatus", RecipientStatus, createStatusHandler(ctx), consumeOpts);
+  const statuses = await bus.consume("routerStatus", RecipientStatus, status, consumeOpts);
   const scheduler = startScheduler(ctx);
   ctx.admission.start(() => scheduler.kick());
   return {
