@@ -581,8 +581,9 @@ export function xtext(value: string): string {
   return out;
 }
 
+/** Only US-ASCII characters (an address that needs no SMTPUTF8). */
 // biome-ignore lint/suspicious/noControlCharactersInRegex: the ASCII range is the point
-const ASCII_ONLY = /^[\x00-\x7f]*$/;
+export const ASCII = /^[\x00-\x7f]*$/;
 
 /**
  * " NOTIFY=... ORCPT=rfc822;..." for the recipient a RCPT line names, or "". A non-ASCII original
@@ -596,7 +597,7 @@ export function rcptDsnArgs(line: string, params: ReadonlyMap<string, RecipientD
   if (!p) return "";
   let args = "";
   if (p.notify) args += ` NOTIFY=${p.notify.join(",")}`;
-  if (p.original && ASCII_ONLY.test(p.original)) args += ` ORCPT=rfc822;${xtext(p.original)}`;
+  if (p.original && ASCII.test(p.original)) args += ` ORCPT=rfc822;${xtext(p.original)}`;
   return args;
 }
 

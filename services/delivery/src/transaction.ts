@@ -14,7 +14,7 @@ import {
 import { lazyBody } from "./body-stream.ts";
 import type { Acquired, Connector, Target } from "./connector.ts";
 import { type DestinationTls, OPPORTUNISTIC_ONLY, type OutboundTls } from "./outbound-tls.ts";
-import { type RecipientDsn, type SessionEnvelope, SmtpFailure } from "./smtp-session.ts";
+import { ASCII, type RecipientDsn, type SessionEnvelope, SmtpFailure } from "./smtp-session.ts";
 import type { TlsResult } from "./tls-check.ts";
 
 export interface RecipientResult {
@@ -46,9 +46,6 @@ export interface TransactionDeps {
 type AttemptResult =
   | { kind: "done"; results: RecipientResult[] }
   | { kind: "failed"; failure: SmtpFailure; permanent: boolean };
-
-// biome-ignore lint/suspicious/noControlCharactersInRegex: the ASCII range is the point
-const ASCII = /^[\x00-\x7f]*$/;
 
 export const outcomeOf = (r: Reply): Outcome =>
   r.code < 300 ? "delivered" : r.code < 500 ? "deferred" : "bounced";
