@@ -40,8 +40,8 @@ export interface Router {
  * covers every write sent before it on the connection. Short of the replicas, the handler fails and
  * the message is redelivered; the writes are idempotent.
  */
-export function waitForReplicas<T>(redis: Redis, replicas: number, timeoutMs: number) {
-  return (handler: Handler<T>): Handler<T> => {
+export function waitForReplicas(redis: Redis, replicas: number, timeoutMs: number) {
+  return <T>(handler: Handler<T>): Handler<T> => {
     if (replicas === 0) return handler;
     return async (message, hctx) => {
       const outcome = await handler(message, hctx);
@@ -82,16 +82,9 @@ export async function startRouter(opts: RouterOptions): Promise<Router> {
   await holds.start();
   const ctx: RouterContext = { ...base, holds, admission: createAdmission({ ...base, holds }, opts.redis) };
   const consumeOpts = { maxInFlight: config.ROUTER_CONCURRENCY };
-  const route = waitForReplicas<QueuedMail>(
-    opts.redis,
-    config.REDIS_WAIT_REPLICAS,
-    config.REDIS_WAIT_TIMEOUT,
-  )(createRouteHandler(ctx));
-  const status = waitForReplicas<RecipientStatus>(
-    opts.redis,
-    config.REDIS_WAIT_REPLICAS,
-    config.REDIS_WAIT_TIMEOUT,
-  )(createStatusHandler(ctx));
+  const replicated = waitForReplicas(opts.redis, config.REDIS_WAIT_REPLICAS, config.REDIS_WAIT_TIMEOUT);
+  const route = replicated(createRouteHandler(ctx));
+  const status = replicated(createStatusHandler(ctx));
   const queued = await bus.consume("router", QueuedMail, route, consumeOpts);
   // after an upgrade: route what the pre-spool work queue still holds, until it is empty
   const legacy = (await bus.streamExists(topology.legacyQueued.name))

@@ -35,7 +35,7 @@ const writer = (key: string) => async () => {
 
 describe("REDIS_WAIT_REPLICAS", () => {
   it("returns once the replica has the handler's writes, and fails when no replica confirms them in time", async () => {
-    const confirmed = waitForReplicas<void>(redis, 1, 2000);
+    const confirmed = waitForReplicas(redis, 1, 2000);
     await confirmed(writer("first"))(undefined, {} as never);
     // returned: the replica already holds the write
     expect(await onReplica.get("first")).toBe("written");
@@ -47,11 +47,11 @@ describe("REDIS_WAIT_REPLICAS", () => {
       timeoutMs: 15_000,
       message: "the master still counts the killed replica",
     });
-    await expect(
-      waitForReplicas<void>(redis, 1, 300)(writer("second"))(undefined, {} as never),
-    ).rejects.toThrow(/0 of 1 Redis replicas \(REDIS_WAIT_REPLICAS\) have the router's writes after 300 ms/);
+    await expect(waitForReplicas(redis, 1, 300)(writer("second"))(undefined, {} as never)).rejects.toThrow(
+      /0 of 1 Redis replicas \(REDIS_WAIT_REPLICAS\) have the router's writes after 300 ms/,
+    );
     // with 0 (the default) nothing waits
-    await waitForReplicas<void>(redis, 0, 300)(writer("third"))(undefined, {} as never);
+    await waitForReplicas(redis, 0, 300)(writer("third"))(undefined, {} as never);
     expect(await redis.get("third")).toBe("written");
   }, 60_000);
 });
