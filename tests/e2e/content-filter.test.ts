@@ -115,10 +115,11 @@ describe("mx with rspamd", () => {
     // a header rspamd asked to add (milter_headers): it saw our queue id
     expect(field(h, "X-Rspamd-Queue-Id")).toEqual([queueId]);
     // a span around the check, in the message's trace, under its SMTP transaction
-    const spans = await p.otlp!.waitForSpans(
-      (all) => all.some((s) => s.name === "filter.check" && s.attributes["mail.queue_id"] === queueId),
-      30_000,
-    );
+    // the transaction's span ends (and is exported) after the check's: wait for both
+    const spans = await p.otlp!.waitForSpans((all) => {
+      const c = all.find((s) => s.name === "filter.check" && s.attributes["mail.queue_id"] === queueId);
+      return c !== undefined && all.some((s) => s.spanId === c.parentSpanId);
+    }, 30_000);
     const check = spans.find((s) => s.name === "filter.check" && s.attributes["mail.queue_id"] === queueId)!;
     expect(check.service).toBe("mx");
     expect(check.attributes["mail.filter.action"]).toBe("no action");
